@@ -1,0 +1,138 @@
+"""The OPD / OPD+ policy-gradient loss, on- and off-policy.
+
+On-policy (samples from the current policy theta):   loss = -sum_t A_t * log p_theta(y_t | s_t)
+Off-policy (samples from theta_old, several updates per batch):
+    rho_t = p_theta / p_theta_old,   loss = -sum_t rho_t * A_t   (PPO-clipped when clip_eps is set)
+
+For "opd+" the advantage is always computed from the *current* log-probs: the per-token objective
+E_old[rho f(q / p_theta)] has gradient -E_old[rho w_f(q / p_theta) dlog p_theta], so the weight must use
+u = q / p_theta, not q / p_theta_old. For "opd" the conventional stop-gradient reward -f(q / p_theta_old)
+of the behavior policy is used, as existing OPD implementations do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from opdplus.advantages import (
+    advantages_from_log_ratio,
+    check_estimator,
+    check_gamma,
+    check_log_ratio_clip,
+    check_token_inputs,
+    log_ratios,
+)
+from opdplus.divergences import Divergence, get_divergence
+
+REDUCTIONS = ("token-mean", "sequence-mean", "sum")
+
+
+def opd_loss(
+    logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    divergence: str | Divergence,
+    estimator: str = "opd+",
+    behavior_logprobs: Tensor | None = None,
+    gamma: float = 0.0,
+    clip_eps: float | None = None,
+    log_ratio_clip: float | None = None,
+    reduction: str = "token-mean",
+    num_tokens: int | float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Scalar loss to minimize and a dict of plain-float metrics.
+
+    Args:
+        logprobs: [B, T] log p_theta of the sampled tokens, carrying the gradient.
+        teacher_logprobs: [B, T] teacher log-probs of the same tokens (no gradient needed).
+        mask: [B, T] bool or 0/1, 0 for padding and environment/tool tokens.
+        behavior_logprobs: [B, T] log-probs of the policy that sampled the batch, for the 2nd, 3rd, ...
+            update on the same batch. None means the samples are from the current policy.
+        clip_eps: PPO ratio clip (only with behavior_logprobs).
+        reduction: "token-mean" divides by the number of unmasked tokens, or by `num_tokens` when given:
+            pass the global token count of the whole optimizer step so that splitting a batch into
+            micro-batches or processes leaves the gradient unchanged. "sequence-mean" averages the
+            per-sequence token means over sequences with at least one token. "sum" sums.
+        Other arguments as in `token_advantages`.
+
+    Metrics: loss, log_ratio_mean (teacher - current student, unclipped), advantage_abs_mean/max,
+    log_ratio_clip_fraction, ppo_clip_fraction, divergence (mean f over tokens: the per-token divergence
+    estimate), reverse_kl (mean student - teacher log-prob), num_tokens (local).
+    """
+    divergence = get_divergence(divergence)
+    check_estimator(estimator)
+    gamma = check_gamma(gamma)
+    log_ratio_clip = check_log_ratio_clip(log_ratio_clip)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if clip_eps is not None and not clip_eps > 0:
+        raise ValueError(f"clip_eps must be positive or None, got {clip_eps}")
+    if num_tokens is not None and not num_tokens > 0:
+        raise ValueError(f"num_tokens must be positive or None, got {num_tokens}")
+    mask = check_token_inputs(
+        mask, logprobs=logprobs, teacher_logprobs=teacher_logprobs, behavior_logprobs=behavior_logprobs
+    )
+
+    # The policy the advantage is evaluated at: always the current one for opd+ (exact off-policy weight).
+    off_policy = behavior_logprobs is not None
+    advantage_policy = behavior_logprobs if off_policy and estimator == "opd" else logprobs
+    with torch.no_grad():
+        log_ratio = log_ratios(advantage_policy, teacher_logprobs, mask, log_ratio_clip)
+        advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma)
+
+    safe_logprobs = torch.where(mask, logprobs, 0.0)
+    if off_policy:
+        ratio = torch.exp(safe_logprobs - torch.where(mask, behavior_logprobs.detach(), 0.0))
+        surrogate = ratio * advantages
+        if clip_eps is not None:
+            clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+            ppo_clipped = (clipped < surrogate) & mask
+            surrogate = torch.minimum(surrogate, clipped)
+        else:
+            ppo_clipped = torch.zeros_like(mask)
+        per_token_loss = -surrogate
+    else:
+        per_token_loss = -advantages * safe_logprobs
+        ppo_clipped = torch.zeros_like(mask)
+    per_token_loss = torch.where(mask, per_token_loss, 0.0)
+
+    tokens_per_sequence = mask.sum(-1)
+    if reduction == "sum":
+        loss = per_token_loss.sum()
+    elif reduction == "token-mean":
+        denominator = num_tokens if num_tokens is not None else tokens_per_sequence.sum().clamp(min=1)
+        loss = per_token_loss.sum() / denominator
+    else:
+        sequence_means = per_token_loss.sum(-1) / tokens_per_sequence.clamp(min=1)
+        loss = sequence_means.sum() / (tokens_per_sequence > 0).sum().clamp(min=1)
+
+    return loss, _metrics(loss, logprobs, teacher_logprobs, mask, log_ratio, advantages, ppo_clipped,
+                          divergence, log_ratio_clip)
+
+
+def _metrics(loss, logprobs, teacher_logprobs, mask, log_ratio, advantages, ppo_clipped, divergence,
+             log_ratio_clip) -> dict[str, float]:
+    with torch.no_grad():
+        count = mask.sum().clamp(min=1)
+        raw_log_ratio = torch.where(mask, teacher_logprobs.detach() - logprobs.detach(), 0.0)
+
+        def token_mean(values: Tensor) -> Tensor:  # in float64 so that bf16 inputs give accurate metrics
+            return torch.where(mask, values.double(), 0.0).sum() / count
+
+        clipped = raw_log_ratio.abs() > log_ratio_clip if log_ratio_clip is not None else torch.zeros_like(mask)
+        values = torch.stack([
+            loss.detach().double(),
+            token_mean(raw_log_ratio),
+            token_mean(advantages.abs()),
+            advantages.abs().max().double() if advantages.numel() else torch.zeros((), dtype=torch.float64),
+            token_mean(clipped),
+            token_mean(ppo_clipped),
+            token_mean(divergence.f(log_ratio)),
+            token_mean(-raw_log_ratio),
+            mask.sum().double(),
+        ]).tolist()
+    names = ("loss", "log_ratio_mean", "advantage_abs_mean", "advantage_abs_max", "log_ratio_clip_fraction",
+             "ppo_clip_fraction", "divergence", "reverse_kl", "num_tokens")
+    return dict(zip(names, values))
