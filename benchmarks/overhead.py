@@ -1,0 +1,63 @@
+"""Step time of opd+ over opd on the same batch and model: the trainer's update (student forward, loss,
+backward, optimizer step) plus the teacher's scoring, alternating the two estimators so that drift in the
+machine's speed hits both alike. Target: ratio <= 1.01.
+
+    python benchmarks/overhead.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from common import report
+from opdplus.config import TrainConfig
+from opdplus.logprobs import token_logprobs
+from opdplus.trainer import lr_lambda, update
+
+
+def model(seed: int, layers: int, hidden: int, vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats = 10 if args.quick else 30
+    rows, prompt_length, response_length, vocab = 32, 32, 96, 8192
+    student, teacher = model(0, 2, 128, vocab), model(1, 4, 256, vocab)
+    teacher.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (rows, prompt_length + response_length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    lengths = torch.randint(response_length // 2, response_length + 1, (rows,), generator=generator)
+    mask = torch.arange(response_length)[None] < lengths[:, None]
+
+    times = {"opd": [], "opd+": []}
+    for repeat in range(repeats + 2):  # the first two rounds warm up
+        for estimator in (("opd", "opd+") if repeat % 2 == 0 else ("opd+", "opd")):
+            config = TrainConfig(divergence="fkl", estimator=estimator, lr=1e-6, log_ratio_clip=10.0)
+            optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+            started = time.perf_counter()
+            with torch.no_grad():
+                teacher_logprobs = token_logprobs(teacher, input_ids, attention_mask, start=prompt_length)
+            update(student, optimizer, scheduler, config, input_ids, attention_mask, prompt_length, mask,
+                   teacher_logprobs)
+            if repeat >= 2:
+                times[estimator].append(time.perf_counter() - started)
+    opd, plus = statistics.median(times["opd"]), statistics.median(times["opd+"])
+    report("overhead", plus / opd, "<= 1.01", repeats=repeats, batch=f"{rows} x ({prompt_length} + {response_length}) tokens",
+           divergence="fkl", median_step_s_opd=round(opd, 4), median_step_s_opd_plus=round(plus, 4))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Training configuration: one dataclass, validated before anything is loaded or written."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from opdplus.advantages import ESTIMATORS
+from opdplus.divergences import get_divergence
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    # what to distill
+    task: str = "arith"
+    student: str = "tiny:arith-student"
+    teacher: str = "tiny:arith-teacher"
+    out: str = "runs/train"
+    # the estimator
+    divergence: str = "rkl"
+    estimator: str = "opd+"
+    gamma: float = 0.0
+    log_ratio_clip: float | None = 10.0  # clamp l = teacher - student; fkl / chi2 weights are unbounded
+    # rollouts: exact on-policy sampling unless the user changes it (then a warning)
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4
+    max_new_tokens: int | None = None  # None: the task's own limit
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # optimisation
+    steps: int = 200
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    ppo_epochs: int = 1  # updates per batch; epochs after the first use behavior log-probs
+    clip_eps: float | None = None  # PPO ratio clip for those later epochs
+    micro_batch_size: int | None = None  # rows per forward/backward; the loss uses the global token count
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    # evaluation, logging, checkpoints
+    eval_every: int = 25
+    eval_examples: int = 200
+    eval_k: int = 0  # avg@k with k temperature-1 samples per prompt; 0 = greedy accuracy only
+    save_every: int = 0  # 0 = no intermediate checkpoints
+    keep_last: int = 2
+    tensorboard: bool = True
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the first invalid field."""
+        get_divergence(self.divergence)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        for name in ("prompts_per_step", "samples_per_prompt", "steps", "ppo_epochs", "eval_examples", "keep_last",
+                     "max_bad_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup_steps", "eval_k"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("log_ratio_clip", "clip_eps", "max_grad_norm", "micro_batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive or unset, got {value}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [field.name for field in dataclasses.fields(cls)]
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    """Read a run config: a YAML mapping of TrainConfig fields. Unknown keys and wrong types are reported as
+    `file:line: ...` so that a typo cannot silently fall back to a default."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ValueError(f"{where}: invalid YAML: {getattr(error, 'problem', error)}") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ValueError(f"{path}:{root.start_mark.line + 1}: expected a mapping of settings")
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for key_node, value_node in root.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if key not in hints:
+            raise ValueError(f"{path}:{line}: unknown key {key!r}; valid keys: {', '.join(hints)}")
+        value = yaml.safe_load(yaml.serialize(value_node))
+        expected = tuple(t for t in (typing.get_args(hints[key]) or (hints[key],)))
+        if float in expected and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+            raise ValueError(f"{path}:{line}: {key} must be {names}, got {value!r}")
+        values[key] = value
+    return values

@@ -1,0 +1,178 @@
+"""Sampling responses from a policy with HF `generate` (KV cache), plus evaluation.
+
+On-policy distillation needs samples y ~ p_θ(·|x) from the *unmodified* policy: any
+temperature, top-k or top-p changes the sampling distribution, and the advantages
+computed from those samples would then be for a different distribution. `generate`
+silently applies top_k=50 when do_sample=True unless told otherwise, so `sample`
+always passes the sampling parameters explicitly.
+"""
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    input_ids: torch.LongTensor  # [N, P+T] prompts left-padded to P, responses right-padded to T with pad id
+    attention_mask: torch.LongTensor  # [N, P+T] 1 on real prompt tokens and response tokens up to and incl. the first EOS
+    prompt_length: int  # P
+    response_mask: torch.BoolTensor  # [N, T] response tokens up to and including the first EOS
+    completions: list[str]  # decoded responses, without special tokens
+    prompt_index: list[int]  # which prompt each row came from
+
+    @property
+    def response_ids(self) -> torch.LongTensor:
+        return self.input_ids[:, self.prompt_length :]
+
+
+@contextmanager
+def eval_mode(model):
+    """Temporarily switch off dropout etc. (samples must come from p_θ itself), then restore the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The model-ready text for a user prompt.
+
+    With a chat template: a single user turn plus the assistant generation prompt.
+    Without one (base models): the prompt text unchanged, the model continues it.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """All ids that end a response: the tokenizer's EOS plus any the model's generation config lists."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token, so responses could never end")
+    return sorted(ids)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to a common length: generation continues from the last column."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        if tokens:
+            input_ids[row, length - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, length - len(tokens) :] = 1
+    return input_ids, attention_mask
+
+
+def mask_through_first_eos(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.BoolTensor:
+    """True up to and including the first EOS of each row (all True if a row has no EOS).
+
+    Computed from EOS positions, never from pad ids: when pad == eos the final EOS must stay in the loss.
+    """
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
+    eos_seen_before = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+    return ~eos_seen_before
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = 0,
+    top_p: float = 1.0,
+    max_prompt_length: int | None = None,
+) -> Rollouts:
+    """Sample `num_samples` responses per prompt (rows are grouped: prompt 0's samples first).
+
+    `max_prompt_length` truncates prompts on the left, keeping the end next to the response.
+    """
+    top_k = top_k or 0  # None would let generate() fall back to its default top_k=50
+    if not greedy and (temperature != 1.0 or top_k != 0 or top_p < 1.0):
+        warnings.warn(
+            f"sampling with temperature={temperature}, top_k={top_k}, top_p={top_p}: "
+            "samples are then not from p_θ, so on-policy estimates are biased",
+            stacklevel=2,
+        )
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+    prompt_index = [i for i in range(len(prompts)) for _ in range(num_samples)]
+    texts = [render_prompt(tokenizer, prompts[i]) for i in prompt_index]
+    # The rendered template already holds any BOS/markers, so add no special tokens here.
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_prompt_length is not None:
+        encoded = [tokens[-max_prompt_length:] for tokens in encoded]
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(encoded, pad_id))
+
+    if greedy:
+        sampling = {"do_sample": False}
+    else:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    with eval_mode(model):
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+            **sampling,
+        )
+
+    # (generate runs under no_grad itself; the mask arithmetic below needs no graph either.)
+    prompt_length = prompt_ids.shape[1]
+    response_ids = output[:, prompt_length:]
+    response_mask = mask_through_first_eos(response_ids, eos_ids)
+    response_ids = response_ids.masked_fill(~response_mask, pad_id)  # generate pads finished rows; make it explicit
+    completions = [
+        tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(response_ids.cpu(), response_mask.cpu())
+    ]
+    return Rollouts(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        prompt_length=prompt_length,
+        response_mask=response_mask,
+        completions=completions,
+        prompt_index=prompt_index,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task, examples, *, k: int = 0, batch_size: int = 256) -> dict:
+    """Greedy accuracy, and avg@k (mean correctness of k temperature-1 samples per prompt) if k > 0."""
+    with eval_mode(model):
+        greedy_correct, sampled_correct = [], []
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            prompts = [example.prompt for example in batch]
+            rollouts = sample(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, greedy=True)
+            greedy_correct += [task.verify(c, batch[i]) for c, i in zip(rollouts.completions, rollouts.prompt_index)]
+            if k > 0:
+                # Chunk so that batch_size bounds the number of rows generated at once.
+                per_chunk = max(1, batch_size // k)
+                for chunk_start in range(0, len(batch), per_chunk):
+                    chunk = batch[chunk_start : chunk_start + per_chunk]
+                    rollouts = sample(
+                        model, tokenizer, [e.prompt for e in chunk], num_samples=k, max_new_tokens=task.max_new_tokens
+                    )
+                    sampled_correct += [task.verify(c, chunk[i]) for c, i in zip(rollouts.completions, rollouts.prompt_index)]
+    return {
+        "greedy_accuracy": sum(greedy_correct) / max(len(greedy_correct), 1),
+        "avg_at_k": sum(sampled_correct) / len(sampled_correct) if k > 0 else None,
+    }

@@ -1,0 +1,59 @@
+"""The task interface: a generator of prompts with a programmatic verifier."""
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+SPLITS = ("train", "test")
+TEST_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # the user message content (the chat template is applied later)
+    reference: Any  # what verify() needs; JSON-serialisable
+    response: str  # a gold response, used to SFT the tiny models
+    messages: tuple | None = None  # chat messages (dicts) for multi-turn prompts; None: just `prompt`
+    tools: tuple | None = None  # JSON schemas of the tools the model may call
+
+
+class Task(Protocol):
+    name: str
+    max_new_tokens: int  # enough for the longest gold response + EOS, with margin
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]: ...
+
+    def verify(self, completion: str, example: Example) -> bool: ...
+
+
+def split_of(problem_key: str) -> str:
+    """Assign a problem to train or test by a stable hash, so the splits never overlap.
+
+    sha256 rather than hash(): Python's string hash changes between processes.
+    """
+    bucket = int.from_bytes(hashlib.sha256(problem_key.encode()).digest()[:8], "big") / 2**64
+    return "test" if bucket < TEST_FRACTION else "train"
+
+
+def sample_split(
+    task_name: str,
+    split: str,
+    n: int,
+    seed: int,
+    draw: Callable[[random.Random], tuple[str, Example]],
+) -> list[Example]:
+    """Draw i.i.d. examples from a task's distribution restricted to one split.
+
+    `draw(rng)` returns (problem_key, example); draws whose key hashes to the other
+    split are rejected. A string seed makes the stream identical across processes.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(f"{task_name}/{split}/{seed}")
+    examples = []
+    while len(examples) < n:
+        key, example = draw(rng)
+        if split_of(key) == split:
+            examples.append(example)
+    return examples

@@ -1,0 +1,438 @@
+"""Function calling in the BFCL format, graded like BFCL's AST checker.
+
+A BFCL question record holds `id`, `question` (a list of turns, each a list of
+chat messages) and `function` (JSON schemas whose `parameters.type` is "dict").
+Its answer record holds `ground_truth`: one `{function_name: {param: [allowed
+values]}}` per expected call, where `""` among the allowed values means the
+parameter may be left out, and a dict inside an allowed value is itself a
+`{key: [allowed values]}` spec.
+
+Completions are untrusted model output, read with `json` and `ast` only: no
+eval, exec or compile. Accepted forms:
+
+    {"name": "f", "arguments": {"a": 1}}              (or "parameters"; or a list of these)
+    <tool_call>{"name": "f", "arguments": {...}}</tool_call>   (Qwen/Hermes; several allowed)
+    [f(a=1), math.factorial(n=5)]                     (BFCL's Python syntax; or one bare call)
+"""
+
+import ast
+import json
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from opdplus.tasks.base import SPLITS, Example
+from opdplus.tasks.data import load_records, sample_cycled
+
+MAX_COMPLETION_CHARS = 100_000
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)  # last one may be unclosed
+CODE_FENCE = re.compile(r"^```[\w-]*[ \t]*\n?(.*?)\n?```$", re.DOTALL)
+IGNORED_IN_STRINGS = re.compile(r"[\s,./\-_*^]")  # BFCL-style: "New York, NY" == "new york ny"
+JSON_NAMES = {"true": True, "false": False, "null": None}  # JSON literals written in a Python call
+
+
+# ---- parsing model output ------------------------------------------------------------
+
+
+def parse_calls(completion: str) -> list[dict] | None:
+    """Model output -> [{"name": str, "arguments": dict}, ...], or None if it is not a call list."""
+    try:
+        if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
+            return None
+        return _parse(completion.strip())
+    except Exception:  # hostile text: RecursionError, MemoryError, ValueError from huge ints...
+        return None
+
+
+def _parse(text: str) -> list[dict] | None:
+    if "<tool_call>" in text:
+        calls = []
+        for block in TOOL_CALL_BLOCK.findall(text):
+            block_calls = _parse_json_calls(block.strip())
+            if block_calls is None:
+                return None
+            calls.extend(block_calls)
+        return calls or None
+    fence = CODE_FENCE.match(text)
+    if fence:
+        text = fence.group(1).strip()
+    calls = _parse_json_calls(text)
+    return calls if calls is not None else _parse_python_calls(text)
+
+
+def _reject_constant(token: str):
+    raise ValueError(f"non-standard JSON constant {token}")  # NaN, Infinity
+
+
+def _parse_json_calls(text: str) -> list[dict] | None:
+    try:
+        document = json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        return None
+    items = document if isinstance(document, list) else [document]
+    calls = [_call_from_json(item) for item in items]
+    return None if any(call is None for call in calls) else calls
+
+
+def _call_from_json(item: Any) -> dict | None:
+    if not isinstance(item, dict):
+        return None
+    if "name" not in item and isinstance(item.get("function"), dict):
+        item = item["function"]  # OpenAI's {"type": "function", "function": {...}}
+    name = item.get("name")
+    arguments = item.get("arguments", item.get("parameters", {}))
+    if isinstance(arguments, str):  # OpenAI sends the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments, parse_constant=_reject_constant)
+        except ValueError:
+            return None
+    if not (isinstance(name, str) and name and isinstance(arguments, dict)):
+        return None
+    return {"name": name, "arguments": arguments}
+
+
+def _parse_python_calls(text: str) -> list[dict] | None:
+    try:
+        with warnings.catch_warnings():  # "invalid escape sequence" in model text is not our concern
+            warnings.simplefilter("ignore")
+            body = ast.parse(text, mode="eval").body  # parses only; nothing is compiled or run
+    except SyntaxError:
+        return None
+    nodes = body.elts if isinstance(body, (ast.List, ast.Tuple)) else [body]
+    calls = []
+    for node in nodes:
+        if not isinstance(node, ast.Call) or node.args:  # positional arguments have no names to check
+            return None
+        name = _dotted_name(node.func)
+        if name is None or any(keyword.arg is None for keyword in node.keywords):  # **kwargs
+            return None
+        try:
+            arguments = {keyword.arg: _literal(keyword.value) for keyword in node.keywords}
+        except ValueError:
+            return None
+        calls.append({"name": name, "arguments": arguments})
+    return calls
+
+
+def _dotted_name(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        owner = _dotted_name(node.value)
+        return None if owner is None else f"{owner}.{node.attr}"
+    return None
+
+
+def _literal(node: ast.expr) -> Any:
+    """A JSON-like value from a literal node; tuples become lists. ValueError for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(element) for element in node.elts]
+    if isinstance(node, ast.Dict) and None not in node.keys:  # a None key is a `**spread`
+        keys = [_literal(key) for key in node.keys]
+        if not all(isinstance(key, (str, int, float, bool)) for key in keys):
+            raise ValueError("unhashable dict key")
+        return dict(zip(keys, (_literal(value) for value in node.values)))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        operand = _literal(node.operand)
+        if isinstance(operand, (int, float)) and not isinstance(operand, bool):
+            return -operand if isinstance(node.op, ast.USub) else operand
+    if isinstance(node, ast.Name) and node.id in JSON_NAMES:
+        return JSON_NAMES[node.id]
+    raise ValueError(f"not a literal: {type(node).__name__}")
+
+
+# ---- checking calls against the ground truth ----------------------------------------
+
+
+def check_calls(completion: str, functions: list[dict], ground_truth: list[dict]) -> bool:
+    """BFCL AST-checker verdict: the same number of calls, matched one-to-one in any order."""
+    calls = parse_calls(completion)
+    if calls is None or len(calls) != len(ground_truth):
+        return False
+    schemas = {function["name"]: function for function in functions}
+    expected = [next(iter(answer.items())) for answer in ground_truth]  # [(name, {param: allowed})]
+    fits = [[_call_matches(call, name, spec, schemas.get(name)) for call in calls] for name, spec in expected]
+    return _has_perfect_matching(fits)
+
+
+def _has_perfect_matching(fits: list[list[bool]]) -> bool:
+    """Whether every expected call i gets its own model call j with fits[i][j] (Kuhn's algorithm).
+
+    BFCL matches greedily; a proper matching also accepts orders where greedy picks wrongly.
+    """
+    owner: dict[int, int] = {}  # model call -> expected call it is assigned to
+
+    def assign(i: int, tried: set[int]) -> bool:
+        for j, fits_ij in enumerate(fits[i]):
+            if fits_ij and j not in tried:
+                tried.add(j)
+                if j not in owner or assign(owner[j], tried):
+                    owner[j] = i
+                    return True
+        return False
+
+    return all(assign(i, set()) for i in range(len(fits)))
+
+
+def _call_matches(call: dict, name: str, spec: dict, schema: dict | None) -> bool:
+    # BFCL renames f.g to f_g for APIs that forbid dots in function names; accept both.
+    if schema is None or call["name"] not in (name, name.replace(".", "_")):
+        return False
+    parameters = schema.get("parameters") or {}
+    properties = parameters.get("properties") or {}
+    arguments = call["arguments"]
+    if any(required not in arguments for required in parameters.get("required") or ()):
+        return False
+    for param, value in arguments.items():
+        if param not in properties or param not in spec:
+            return False
+        allowed = _alternatives(spec[param])
+        if not _type_ok(value, properties[param], allowed):
+            return False
+        # "" means "may be omitted", so it is not a value a call can match.
+        if not any(_value_matches(value, option) for option in allowed if option != ""):
+            return False
+    return all(param in arguments or "" in _alternatives(options) for param, options in spec.items())
+
+
+def _alternatives(options: Any) -> list:
+    return options if isinstance(options, list) else [options]  # tolerate a bare value
+
+
+def _type_ok(value: Any, schema: dict, allowed: list) -> bool:
+    if _conforms(value, schema):
+        return True
+    # Where the ground truth disagrees with the schema (a variable name for an integer, a
+    # list of lists for a list of strings), the ground truth wins, as in BFCL.
+    return any(type(value) is type(option) and not _conforms(option, schema) for option in allowed if option != "")
+
+
+def _conforms(value: Any, schema: dict) -> bool:
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):  # JSON Schema unions such as ["string", "null"]
+        return any(_conforms(value, {**schema, "type": k}) for k in kind)
+    if kind == "integer":
+        return type(value) is int  # bool is an int subclass but not an integer here
+    if kind in ("float", "number"):
+        return type(value) in (int, float)  # an int is accepted for a float
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "null":
+        return value is None
+    if kind in ("array", "tuple", "list"):
+        items = schema.get("items")
+        return isinstance(value, list) and (not isinstance(items, dict) or all(_conforms(v, items) for v in value))
+    if kind in ("dict", "object"):
+        return isinstance(value, dict)
+    return True  # "any", and types we do not know
+
+
+def _value_matches(value: Any, option: Any) -> bool:
+    """Whether a model value equals one allowed value (dicts there are nested specs)."""
+    if isinstance(option, dict):
+        if not isinstance(value, dict):
+            return False
+        for key, item in value.items():
+            if key not in option:
+                return False
+            if not any(_value_matches(item, o) for o in _alternatives(option[key]) if o != ""):
+                return False
+        return all(key in value or "" in _alternatives(options) for key, options in option.items())
+    if isinstance(option, list):
+        return isinstance(value, list) and len(value) == len(option) and all(map(_value_matches, value, option))
+    if isinstance(option, str):
+        return isinstance(value, str) and _standardize(value) == _standardize(option)
+    if isinstance(option, bool) or isinstance(value, bool):
+        return type(value) is type(option) and value == option
+    if isinstance(option, (int, float)):
+        return isinstance(value, (int, float)) and value == option  # 5 == 5.0
+    return value == option  # None
+
+
+def _standardize(text: str) -> str:
+    """Case, whitespace and light punctuation do not matter, nor ' versus "."""
+    return IGNORED_IN_STRINGS.sub("", text).lower().replace("'", '"')
+
+
+# ---- gold calls and prompts ---------------------------------------------------------
+
+
+def gold_calls(functions: list[dict], ground_truth: list[dict]) -> list[dict]:
+    """The ground truth's first allowed values as calls that check_calls accepts.
+
+    Leaves out a parameter whose first option is "" unless the schema requires it,
+    and one the schema does not know (BFCL answers sometimes list those, optional).
+    """
+    schemas = {function["name"]: function for function in functions}
+    calls = []
+    for answer in ground_truth:
+        name, spec = next(iter(answer.items()))
+        parameters = (schemas.get(name) or {}).get("parameters") or {}
+        properties, required = parameters.get("properties") or {}, parameters.get("required") or ()
+        arguments = {}
+        for param, options in spec.items():
+            values = [option for option in _alternatives(options) if option != ""]
+            keep = param in required or (param in properties and _alternatives(options)[0] != "")
+            if keep and values:
+                arguments[param] = _first_choice(values[0])
+        calls.append({"name": name, "arguments": arguments})
+    return calls
+
+
+def _first_choice(option: Any) -> Any:
+    if isinstance(option, dict):  # a nested spec: its first option per key, "" meaning leave out
+        chosen = {}
+        for key, options in option.items():
+            first = _alternatives(options)[0]
+            if first != "":
+                chosen[key] = _first_choice(first)
+        return chosen
+    if isinstance(option, list):
+        return [_first_choice(item) for item in option]
+    return option
+
+
+def format_tools_plain(functions: list[dict]) -> str:
+    """A plain-text tool list, for tokenizers whose chat template ignores `tools`.
+
+    One block per function: a signature line `name(param: type, ...)` with optional
+    parameters marked `?`, the description, then one line per parameter:
+
+        Available functions. Reply with a JSON list of calls, e.g. [{"name": "f", "arguments": {"x": 1}}].
+
+        math.factorial(n: integer, exact?: boolean)
+          Compute the factorial of a number.
+          - n: The number. (required)
+          - exact: Return an exact integer. Default true.
+    """
+    blocks = ['Available functions. Reply with a JSON list of calls, e.g. [{"name": "f", "arguments": {"x": 1}}].']
+    for function in functions:
+        parameters = function.get("parameters") or {}
+        properties, required = parameters.get("properties") or {}, set(parameters.get("required") or ())
+        signature = ", ".join(
+            f"{param}{'' if param in required else '?'}: {_type_name(schema)}" for param, schema in properties.items()
+        )
+        lines = [f"{function['name']}({signature})"]
+        if function.get("description"):
+            lines.append(f"  {function['description']}")
+        for param, schema in properties.items():
+            line = f"  - {param}: {schema.get('description', '')}".rstrip()
+            if "enum" in schema:
+                line += f" One of: {', '.join(map(str, schema['enum']))}."
+            lines.append(line + (" (required)" if param in required else ""))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _type_name(schema: dict) -> str:
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        return " | ".join(map(str, kind))
+    items = schema.get("items")
+    return f"{kind}[{_type_name(items)}]" if isinstance(items, dict) else str(kind)
+
+
+# ---- the task -----------------------------------------------------------------------
+
+Paths = str | Sequence[str] | None
+
+
+class ToolUseTask:
+    """BFCL-format questions, one or more files per split, with their answer files.
+
+    An answers path left as None is found next to the questions: `X.answers.json`
+    for `X.json`, else `possible_answer/X.json` (BFCL's own layout); records that
+    carry `ground_truth` themselves need no answer file.
+    """
+
+    name = "tooluse"
+
+    def __init__(
+        self,
+        train_path: Paths = None,
+        test_path: Paths = None,
+        train_answers_path: Paths = None,
+        test_answers_path: Paths = None,
+        max_new_tokens: int = 256,
+    ):
+        self.paths = {"train": _as_list(train_path), "test": _as_list(test_path)}
+        self.answers_paths = {"train": _as_list(train_answers_path), "test": _as_list(test_answers_path)}
+        for split in SPLITS:
+            if self.answers_paths[split] and len(self.answers_paths[split]) != len(self.paths[split]):
+                raise ValueError(f"{split}: give one answers path per questions path")
+        self.max_new_tokens = max_new_tokens
+        self._examples: dict[str, list[Example]] = {}
+
+    def _load(self, split: str) -> list[Example]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not self.paths[split]:
+            raise ValueError(f"ToolUseTask has no {split} data: pass {split}_path=")
+        if split not in self._examples:
+            answers_paths = self.answers_paths[split] or [None] * len(self.paths[split])
+            self._examples[split] = [
+                example
+                for path, answers_path in zip(self.paths[split], answers_paths)
+                for example in _load_examples(path, answers_path)
+            ]
+        return self._examples[split]
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        return sample_cycled(self._load(split), n, seed=f"{self.name}/{split}/{seed}")
+
+    def verify(self, completion: str, example: Example) -> bool:
+        return check_calls(completion, example.reference["functions"], example.reference["ground_truth"])
+
+
+def _as_list(paths: Paths) -> list[str]:
+    if paths is None:
+        return []
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def _load_examples(path: str, answers_path: str | None) -> list[Example]:
+    questions = load_records(path, fields=["id", "question", "function"])
+    if answers_path is None and all("ground_truth" in record for record in questions):
+        answers = {record["id"]: record["ground_truth"] for record in questions}
+    else:
+        answers_path = answers_path or _find_answers_path(path)
+        answers = {r["id"]: r["ground_truth"] for r in load_records(answers_path, fields=["id", "ground_truth"])}
+    examples = []
+    for record in questions:
+        if record["id"] not in answers:
+            raise ValueError(f"{answers_path}: no ground truth for id {record['id']!r}")
+        examples.append(_example(record, answers[record["id"]]))
+    return examples
+
+
+def _find_answers_path(path: str) -> str:
+    stem, extension = os.path.splitext(path)
+    candidates = [
+        f"{stem}.answers{extension}",
+        os.path.join(os.path.dirname(path), "possible_answer", os.path.basename(path)),
+    ]
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"no answers file for {path}: tried {', '.join(candidates)}")
+
+
+def _example(record: dict, ground_truth: list[dict]) -> Example:
+    question = record["question"]
+    # BFCL: a list of turns, each a list of messages; these categories are single-turn.
+    turn = [{"role": "user", "content": question}] if isinstance(question, str) else question[0]
+    user_messages = [message["content"] for message in turn if message.get("role") == "user"]
+    functions = record["function"]
+    return Example(
+        prompt=user_messages[-1] if user_messages else "",
+        reference={"functions": functions, "ground_truth": ground_truth},
+        response=json.dumps(gold_calls(functions, ground_truth), ensure_ascii=False),
+        messages=tuple(dict(message) for message in turn),
+        tools=tuple(functions),
+    )

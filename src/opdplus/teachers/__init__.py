@@ -1,0 +1,41 @@
+"""Teachers: a model that scores the student's token ids, in this process or behind vLLM / SGLang."""
+
+from __future__ import annotations
+
+import torch
+
+from opdplus.teachers.base import Teacher, TeacherUnavailableError
+from opdplus.teachers.local import LocalTeacher
+from opdplus.teachers.served import ServedTeacher, SGLangTeacher, VLLMTeacher
+
+SERVED_APIS = {"vllm": VLLMTeacher, "sglang": SGLangTeacher}
+
+__all__ = [
+    "LocalTeacher",
+    "SGLangTeacher",
+    "ServedTeacher",
+    "Teacher",
+    "TeacherUnavailableError",
+    "VLLMTeacher",
+    "get_teacher",
+]
+
+
+def get_teacher(spec: str, **options) -> Teacher:
+    """`http(s)://host:port` -> a served teacher (`api="vllm"` default, or `"sglang"`); anything else (a local
+    directory, a `tiny:` name, a Hub id) -> a LocalTeacher.
+
+    Served options: model, timeout, max_retries, backoff, concurrency, batch_size, temperature (1 only).
+    Local options: device, dtype (torch dtype or name, default float32), batch_size, temperature.
+    """
+    if spec.startswith(("http://", "https://")):
+        api = options.pop("api", "vllm")
+        if api not in SERVED_APIS:
+            raise ValueError(f"unknown teacher api {api!r}; choose from {sorted(SERVED_APIS)}")
+        return SERVED_APIS[api](spec, **options)
+    if "api" in options:
+        raise ValueError(f"api={options['api']!r} is for served teachers (http://...), not {spec!r}")
+    dtype = options.pop("dtype", torch.float32)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return LocalTeacher.load(spec, dtype=dtype, **options)

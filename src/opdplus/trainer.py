@@ -1,0 +1,278 @@
+"""The OPD / OPD+ training loop, readable top to bottom.
+
+    for each step:
+        prompts  -> student rollouts (HF generate, KV cache, exact on-policy sampling)
+        tokens   -> teacher log-probs of exactly the sampled ids (no re-tokenisation)
+        tokens   -> student log-probs (with gradient)
+        opd_loss -> backward -> clip -> optimizer step        (ppo_epochs times on the same batch)
+        log, evaluate, checkpoint
+
+Randomness is re-seeded from (seed, step) at the start of every step, so a resumed run draws exactly the
+batches and samples the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from opdplus.checkpoint import (
+    atomic_directory,
+    atomic_write_text,
+    check_run_directory,
+    checkpoints,
+    failpoint,
+    load_training_state,
+    prepare_run_directory,
+    save_checkpoint,
+)
+from opdplus.config import TrainConfig
+from opdplus.logprobs import token_logprobs
+from opdplus.losses import opd_loss
+from opdplus.rollout import evaluate, sample
+from opdplus.tasks import get_task
+from opdplus.tiny.models import load_model_and_tokenizer
+from opdplus.vocab import check_same_vocabulary
+
+
+class NonFiniteRunError(RuntimeError):
+    """Too many consecutive steps with NaN/inf: the run stops, checkpoints stay as they were."""
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> dict:
+    """Run (or resume) one training run; returns the last logged metrics."""
+    config.validate()
+    out = Path(config.out)
+    check_run_directory(out, resume=config.resume, overwrite=config.overwrite)
+    task = get_task(config.task)
+    student, tokenizer = load_model_and_tokenizer(config.student)
+    teacher, teacher_tokenizer = load_model_and_tokenizer(config.teacher)
+    check_same_vocabulary(tokenizer, teacher_tokenizer)
+    prepare_run_directory(out, overwrite=config.overwrite)
+
+    resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
+    if resume_from is not None:  # weights through safetensors, exactly as saved
+        student = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32, use_safetensors=True)
+    # eval mode for both: no dropout, so the policy that samples is the policy that is scored and trained
+    student.eval()
+    teacher.eval().requires_grad_(False)
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    start_step = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
+    log = MetricsLog(out, keep_through=start_step if resume_from else -1, tensorboard=config.tensorboard)
+
+    test_examples = task.examples("test", config.eval_examples, seed=0)
+    max_new_tokens = config.max_new_tokens or task.max_new_tokens
+    last = {"step": start_step}
+    if start_step == 0:
+        last = log.write({"step": 0, **evaluate(student, tokenizer, task, test_examples, k=config.eval_k)})
+
+    bad_steps, skipped_steps = 0, 0
+    bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
+               desc=f"{config.divergence}/{config.estimator}", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        torch.manual_seed(config.seed * 1_000_003 + step)
+        started = time.perf_counter()
+
+        # 1. rollouts from the current student
+        examples = task.examples("train", config.prompts_per_step, seed=config.seed * 1_000_003 + step)
+        rollouts = sample(student, tokenizer, [example.prompt for example in examples],
+                          num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
+                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+        failpoint(f"rollout:{step}")
+        input_ids, attention_mask = rollouts.input_ids, rollouts.attention_mask  # [N, P + T]
+        mask, prompt_length = rollouts.response_mask, rollouts.prompt_length  # [N, T], P
+        generated = time.perf_counter()
+
+        # 2. the teacher scores exactly the sampled token ids
+        with torch.no_grad():
+            teacher_logprobs = token_logprobs(teacher, input_ids, attention_mask, start=prompt_length)  # [N, T]
+        scored = time.perf_counter()
+
+        # 3. policy-gradient updates; later epochs reuse the batch with importance ratios
+        metrics, bad_rows = update(student, optimizer, scheduler, config, input_ids, attention_mask, prompt_length,
+                                   mask, teacher_logprobs, timings := {})
+        updated = time.perf_counter()
+        failpoint(f"update:{step}")
+        bad_steps = bad_steps + 1 if bad_rows else 0
+        skipped_steps += bool(bad_rows)
+        if bad_rows:
+            bad_samples = sorted({rollouts.prompt_index[row] for row in bad_rows})
+            tqdm.write(f"step {step}: non-finite values in {len(bad_rows)} rollouts (prompts {bad_samples[:8]}); "
+                       f"update skipped")
+
+        correct = [task.verify(completion, examples[index])
+                   for completion, index in zip(rollouts.completions, rollouts.prompt_index)]
+        record = {
+            "step": step,
+            **metrics,
+            "skipped_update": int(bool(bad_rows)),
+            "skipped_updates_total": skipped_steps,
+            "bad_rollouts": bad_rows,
+            "sample_accuracy": sum(correct) / len(correct),
+            "response_length": float(mask.sum(-1).float().mean()),
+            "lr": scheduler.get_last_lr()[0],
+            "time_generate": generated - started,
+            "time_teacher": scored - generated,
+            "time_update": updated - scored,
+            **{f"time_{name}": seconds for name, seconds in timings.items()},
+        }
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            record.update(evaluate(student, tokenizer, task, test_examples, k=config.eval_k))
+        record["time_step"] = time.perf_counter() - started
+        last = log.write(record)
+        if bad_steps >= config.max_bad_steps:
+            log.close()
+            raise NonFiniteRunError(f"{bad_steps} consecutive steps with non-finite values (last at step {step}); "
+                                    f"stopped, the last good checkpoint in {out} is intact")
+        bar.set_postfix(acc=f"{log.last_accuracy:.2f}", rkl=f"{record.get('reverse_kl', math.nan):.3f}",
+                        s_step=f"{record['time_step']:.2f}")
+
+        if config.save_every and step % config.save_every == 0:
+            save_checkpoint(out, step, student, tokenizer, optimizer, scheduler,
+                            {"config": config.to_dict()}, config.keep_last)
+
+    log.close()
+    atomic_directory(out / "final", lambda d: (student.save_pretrained(d, safe_serialization=True),
+                                              tokenizer.save_pretrained(d)))
+    return last
+
+
+def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attention_mask, prompt_length, mask,
+           teacher_logprobs, timings: dict | None = None) -> tuple[dict, list[int]]:
+    """ppo_epochs optimizer steps on one batch. Returns the first (on-policy) epoch's metrics and the rows
+    that held non-finite log-probs, loss or gradients; when that list is not empty no update was applied.
+    Seconds spent in the student's forward, backward and optimizer steps are added to `timings`."""
+    timings = {} if timings is None else timings
+    clock = Stopwatch(timings)
+    rows = input_ids.shape[0]
+    micro = config.micro_batch_size or rows
+    num_tokens = int(mask.sum().clamp(min=1))  # global count: micro-batching leaves the gradient unchanged
+    behavior_logprobs = torch.zeros_like(teacher_logprobs)
+    first_metrics: dict = {}
+    for epoch in range(config.ppo_epochs):
+        parts, bad_rows = [], []
+        for begin in range(0, rows, micro):
+            batch = slice(begin, begin + micro)
+            with clock("student_forward"):
+                logprobs = token_logprobs(student, input_ids[batch], attention_mask[batch], start=prompt_length)
+            finite = (torch.isfinite(logprobs.detach()) & torch.isfinite(teacher_logprobs[batch])) | ~mask[batch]
+            if not finite.all():
+                bad_rows += [begin + row for row in (~finite.all(-1)).nonzero().flatten().tolist()]
+                continue
+            loss, metrics = opd_loss(
+                logprobs, teacher_logprobs[batch], mask[batch], divergence=config.divergence,
+                estimator=config.estimator, gamma=config.gamma, log_ratio_clip=config.log_ratio_clip,
+                behavior_logprobs=behavior_logprobs[batch] if epoch > 0 else None,
+                clip_eps=config.clip_eps, num_tokens=num_tokens,
+            )
+            if not torch.isfinite(loss):  # e.g. an unclipped fkl/chi2 weight overflowing
+                bad_rows += list(range(begin, min(begin + micro, rows)))
+                continue
+            if epoch == 0:
+                behavior_logprobs[batch] = logprobs.detach()
+            with clock("backward"):
+                loss.backward()
+            parts.append(metrics)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm or math.inf)
+        if parts and epoch == 0:
+            first_metrics = {**combine(parts), "grad_norm": float(grad_norm)}
+        if bad_rows or not torch.isfinite(grad_norm):  # never apply a NaN/inf update
+            optimizer.zero_grad(set_to_none=True)
+            return first_metrics, bad_rows or list(range(rows))
+        with clock("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+    return first_metrics, []
+
+
+def combine(parts: list[dict]) -> dict:
+    """Merge micro-batch metrics: token-weighted means, max of maxima, sums of counts and losses."""
+    tokens = sum(part["num_tokens"] for part in parts) or 1.0
+    merged = {key: sum(part[key] * part["num_tokens"] for part in parts) / tokens for key in parts[0]}
+    merged["advantage_abs_max"] = max(part["advantage_abs_max"] for part in parts)
+    merged["num_tokens"] = tokens
+    merged["loss"] = sum(part["loss"] for part in parts)  # each part is already divided by the global count
+    return merged
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warm-up, then constant, linear or cosine decay to zero over the optimizer steps."""
+    total = config.steps * config.ppo_epochs
+    warmup = config.warmup_steps * config.ppo_epochs
+
+    def factor(optimizer_step: int) -> float:
+        if optimizer_step < warmup:
+            return (optimizer_step + 1) / warmup
+        progress = (optimizer_step - warmup) / max(1, total - warmup)
+        if config.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class Stopwatch:
+    """`with clock("name"):` adds the block's wall time to timings["name"]."""
+
+    def __init__(self, timings: dict):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per step) and, optionally, TensorBoard scalars.
+
+    On resume the file is cut back to the checkpoint's step, so a step is never logged twice.
+    """
+
+    def __init__(self, out: Path, keep_through: int, tensorboard: bool):
+        self.path = out / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_through]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.last_accuracy = next((json.loads(line)["greedy_accuracy"] for line in reversed(kept)
+                                   if "greedy_accuracy" in json.loads(line)), float("nan"))
+        self.handle = open(self.path, "a")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=keep_through + 1)
+
+    def write(self, record: dict) -> dict:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if "greedy_accuracy" in record:
+            self.last_accuracy = record["greedy_accuracy"]
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(key, value, record["step"])
+        return record
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,359 @@
+"""Teachers: the local one against `token_logprobs`, the served clients against a fake in-process server that
+answers in vLLM's and SGLang's documented shapes (and misbehaves on demand)."""
+
+import json
+import random
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from opdplus.logprobs import token_logprobs
+from opdplus.teachers import LocalTeacher, SGLangTeacher, Teacher, TeacherUnavailableError, VLLMTeacher, get_teacher
+from opdplus.tiny.tokenizer import build_char_tokenizer
+
+FAST = {"backoff": 0.01, "max_retries": 2, "timeout": 5.0}  # retries without slowing the suite
+
+
+def random_sequences(count, vocab, seed=0, min_len=2, max_len=30):
+    rng = random.Random(seed)
+    sequences = [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(count)]
+    starts = [rng.randint(1, len(ids)) for ids in sequences]  # start == len: nothing to score
+    return sequences, starts
+
+
+# ---------------------------------------------------------------- local teacher
+
+
+@pytest.fixture(scope="module")
+def local(models):
+    return get_teacher(models["teacher"], batch_size=3)  # small batches: several forwards, padding in each
+
+
+def test_local_teacher_equals_token_logprobs_per_sequence(local):
+    sequences, starts = random_sequences(10, len(local.tokenizer))
+    scores = local.token_logprobs(sequences, starts)
+    for ids, begin, score in zip(sequences, starts, scores):
+        assert score.dtype == torch.float32 and score.shape == (len(ids) - begin,)
+        if begin == len(ids):
+            continue
+        with torch.no_grad():
+            expected = token_logprobs(local.model, torch.tensor([ids]), torch.ones(1, len(ids)), start=begin)[0]
+        torch.testing.assert_close(score, expected, atol=1e-5, rtol=0)
+
+
+def test_local_teacher_start_handling(local):
+    sequences = [[5, 6, 7, 8], [9, 10]]
+    default = local.token_logprobs(sequences)
+    assert [len(score) for score in default] == [3, 1]
+    later = local.token_logprobs(sequences, [3, 2])
+    assert [len(score) for score in later] == [1, 0]
+    torch.testing.assert_close(later[0], default[0][2:])
+    with pytest.raises(ValueError, match="start must be in"):
+        local.token_logprobs(sequences, [0, 1])
+    with pytest.raises(ValueError, match="start must be in"):
+        local.token_logprobs(sequences, [1, 3])
+    with pytest.raises(ValueError, match="2 sequences"):
+        local.token_logprobs(sequences, [1])
+    assert local.token_logprobs([]) == []
+
+
+def test_local_teacher_is_frozen(local):
+    assert not local.model.training
+    assert not any(parameter.requires_grad for parameter in local.model.parameters())
+
+
+def test_local_teacher_temperature_divides_logits(models):
+    tempered = get_teacher(models["teacher"], temperature=2.0)
+    ids = [3, 15, 16, 17, 6, 7, 2]
+    with torch.no_grad():
+        logits = tempered.model(torch.tensor([ids])).logits[0, :-1].float() / 2.0
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+    torch.testing.assert_close(tempered.token_logprobs([ids])[0], expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="positive"):
+        get_teacher(models["teacher"], temperature=0.0)
+
+
+def test_local_teacher_tokenizer_check(local):
+    local.check_tokenizer(build_char_tokenizer())
+    other = build_char_tokenizer()
+    other.add_tokens(["<|extra|>"])
+    with pytest.raises(ValueError, match="tokenizer mismatch between student and teacher"):
+        local.check_tokenizer(other)
+
+
+def test_get_teacher_dispatch(models):
+    teacher = get_teacher(models["teacher"])
+    assert isinstance(teacher, LocalTeacher) and isinstance(teacher, Teacher)
+    with pytest.raises(ValueError, match="unknown teacher api"):
+        get_teacher("http://127.0.0.1:1", api="triton")
+    with pytest.raises(ValueError, match="served teachers"):
+        get_teacher(models["teacher"], api="vllm")
+
+
+# ---------------------------------------------------------------- a fake vLLM / SGLang server
+
+
+def fake_logprob(ids, position):
+    """The fake model's log p(ids[position] | ids[:position]): depends on the token and its context."""
+    return -0.01 * (ids[position] + 3 * position + ids[position - 1])
+
+
+class FakeServer:
+    """ThreadingHTTPServer on a free port. Behaviour is set per test through attributes:
+    `fail_first` (statuses answered before behaving), `mutate` (edits each answer), `delay` (seconds)."""
+
+    def __init__(self, models=("teacher",)):
+        self.models, self.fail_first, self.mutate, self.delay = list(models), [], None, 0.0
+        self.tokenizer = build_char_tokenizer()
+        self.requests = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                self.answer(None)
+
+            def do_POST(self):
+                self.answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+            def answer(self, payload):
+                status, body = fake.route(self.command, self.path, payload)
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def route(self, method, path, payload):
+        self.requests.append((method, path, payload))
+        time.sleep(self.delay)
+        if self.fail_first:
+            status = self.fail_first.pop(0)
+            return status, {"error": {"message": f"fake error {status}\nsecond line"}}
+        if (method, path) == ("GET", "/v1/models"):
+            body = {"object": "list", "data": [{"id": name, "object": "model"} for name in self.models]}
+        elif (method, path) == ("POST", "/tokenize"):
+            body = {"count": 0, "tokens": self.tokenizer.encode(payload["prompt"], add_special_tokens=False)}
+        elif (method, path) == ("POST", "/v1/completions"):
+            body = self.vllm_completions(payload)
+        elif (method, path) == ("POST", "/generate"):
+            body = self.sglang_generate(payload)
+        else:
+            return 404, {"detail": "Not Found"}
+        return 200, self.mutate(body) if self.mutate else body
+
+    def vllm_completions(self, payload):
+        choices = []
+        for index, ids in enumerate(payload["prompt"]):
+            prompt_logprobs = [None] + [
+                {str(ids[k]): {"logprob": fake_logprob(ids, k), "rank": 1, "decoded_token": "x"}}
+                for k in range(1, len(ids))]
+            choices.append({"index": index, "text": "x", "token_ids": [7], "prompt_logprobs": prompt_logprobs,
+                            "prompt_token_ids": list(ids), "finish_reason": "length"})
+        random.Random(len(choices)).shuffle(choices)  # clients must map choices back by index
+        return {"object": "text_completion", "model": payload["model"], "choices": choices}
+
+    def sglang_generate(self, payload):
+        results = []
+        for ids in payload["input_ids"]:
+            entries = [[None, ids[0], "x"]] + [[fake_logprob(ids, k), ids[k], "x"] for k in range(1, len(ids))]
+            results.append({"text": "", "output_ids": [], "meta_info": {"input_token_logprobs": entries}})
+        return results
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    fake = FakeServer()
+    yield fake
+    fake.close()
+
+
+def expected_scores(sequences, starts):
+    return [torch.tensor([fake_logprob(ids, k) for k in range(begin, len(ids))], dtype=torch.float32)
+            for ids, begin in zip(sequences, starts)]
+
+
+def assert_one_line_naming(error, url):
+    message = str(error.value)
+    assert url in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("api", ["vllm", "sglang"])
+def test_served_teacher_scores_in_batches(server, api):
+    teacher = get_teacher(server.url, api=api, batch_size=3, concurrency=2, **FAST)
+    assert isinstance(teacher, Teacher) and teacher.model == "teacher"  # the single model /v1/models lists
+    sequences, starts = random_sequences(11, 101, seed=1)
+    scores = teacher.token_logprobs(sequences, starts)
+    for score, expected in zip(scores, expected_scores(sequences, starts)):
+        assert score.dtype == torch.float32
+        torch.testing.assert_close(score, expected)
+    scoring = [payload for method, path, payload in server.requests if method == "POST"]
+    assert len(scoring) == 4  # 11 sequences in batches of 3
+    assert teacher.client.bytes_received > 0
+
+
+def test_vllm_request_shape(server):
+    teacher = VLLMTeacher(server.url, model="teacher", **FAST)
+    teacher.token_logprobs([[5, 6, 7]])
+    assert server.requests == [("POST", "/v1/completions", {
+        "model": "teacher", "prompt": [[5, 6, 7]], "max_tokens": 1, "prompt_logprobs": 0,
+        "return_token_ids": True})]
+
+
+def test_sglang_request_shape(server):
+    teacher = SGLangTeacher(server.url, model="teacher", **FAST)
+    teacher.token_logprobs([[5, 6, 7]])
+    assert server.requests == [("POST", "/generate", {
+        "input_ids": [[5, 6, 7]], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+        "logprob_start_len": 0})]
+
+
+@pytest.mark.parametrize("api", ["vllm", "sglang"])
+def test_retries_after_two_503s(server, api):
+    teacher = get_teacher(server.url, api=api, model="teacher", **FAST)
+    server.fail_first = [503, 503]
+    torch.testing.assert_close(teacher.token_logprobs([[4, 5, 6]])[0], expected_scores([[4, 5, 6]], [1])[0])
+    assert len(server.requests) == 3
+
+
+def test_5xx_until_retries_run_out(server):
+    teacher = get_teacher(server.url, model="teacher", **FAST)
+    server.fail_first = [500, 502, 503]
+    with pytest.raises(TeacherUnavailableError) as error:
+        teacher.token_logprobs([[4, 5, 6]])
+    assert_one_line_naming(error, server.url)
+    assert "HTTP 503" in str(error.value)
+
+
+def test_400_is_a_one_line_error_without_retry(server):
+    teacher = get_teacher(server.url, model="teacher", **FAST)
+    server.fail_first = [400]
+    with pytest.raises(ValueError, match="HTTP 400") as error:
+        teacher.token_logprobs([[4, 5, 6]])
+    assert_one_line_naming(error, server.url)
+    assert len(server.requests) == 1
+
+
+def test_dead_port_raises_teacher_unavailable_fast():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    began = time.perf_counter()
+    with pytest.raises(TeacherUnavailableError) as error:
+        get_teacher(url, **FAST)  # model discovery is the first request
+    assert time.perf_counter() - began < 2
+    assert_one_line_naming(error, url)
+    teacher = get_teacher(url, model="teacher", **FAST)
+    with pytest.raises(TeacherUnavailableError):
+        teacher.token_logprobs([[4, 5, 6]])
+
+
+def test_timeout_is_retried_then_unavailable(server):
+    teacher = get_teacher(server.url, model="teacher", backoff=0.01, max_retries=1, timeout=0.2)
+    server.delay = 0.5
+    with pytest.raises(TeacherUnavailableError, match="timed out"):
+        teacher.token_logprobs([[4, 5, 6]])
+    assert len(server.requests) == 2
+
+
+def drop_prompt_logprobs(body):
+    del body["choices"][0]["prompt_logprobs"]
+    return body
+
+
+def wrong_key(body):
+    choice = body["choices"][0]
+    choice["prompt_logprobs"][1] = {"99999": {"logprob": -1.0, "rank": 1, "decoded_token": "?"}}
+    return body
+
+
+def changed_echo(body):
+    body["choices"][0]["prompt_token_ids"][1] += 1
+    return body
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda body: {"oops": True}, "no choices"),
+    (drop_prompt_logprobs, "prompt_logprobs is not a list"),
+    (wrong_key, "no logprob for token"),
+    (lambda body: {"choices": body["choices"][:0]}, "choice indices"),
+    (changed_echo, "other token ids than sent"),
+])
+def test_vllm_malformed_answers(server, mutate, message):
+    teacher = get_teacher(server.url, model="teacher", **FAST)
+    server.mutate = mutate
+    with pytest.raises(ValueError, match=message) as error:
+        teacher.token_logprobs([[4, 5, 6]])
+    assert_one_line_naming(error, server.url)
+
+
+def sglang_changed_token(results):
+    results[0]["meta_info"]["input_token_logprobs"][2][1] += 1
+    return results
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda results: [], "expected a list of 1 results"),
+    (lambda results: [{"meta_info": {}}], "no meta_info.input_token_logprobs"),
+    (lambda results: [{"meta_info": {"input_token_logprobs": [[None, 4, "x"], [-1.0], [-1.0]]}}], "entries"),
+    (sglang_changed_token, "other token ids than sent"),
+])
+def test_sglang_malformed_answers(server, mutate, message):
+    teacher = get_teacher(server.url, api="sglang", model="teacher", **FAST)
+    server.mutate = mutate
+    with pytest.raises(ValueError, match=message) as error:
+        teacher.token_logprobs([[4, 5, 6]])
+    assert_one_line_naming(error, server.url)
+
+
+def test_non_json_answer(server):
+    teacher = get_teacher(server.url, model="teacher", **FAST)
+    server.mutate = lambda body: b"<html>\nproxy error</html>"
+    with pytest.raises(ValueError, match="non-JSON") as error:
+        teacher.token_logprobs([[4, 5, 6]])
+    assert_one_line_naming(error, server.url)
+
+
+@pytest.mark.parametrize("api", ["vllm", "sglang"])
+def test_served_tokenizer_check(server, api):
+    teacher = get_teacher(server.url, api=api, **FAST)
+    teacher.check_tokenizer(build_char_tokenizer())
+    probes = [payload["prompt"] for method, path, payload in server.requests if path == "/tokenize"]
+    assert any("<|end|>" in text for text in probes) and any(any(c.isdigit() for c in text) for text in probes)
+    server.tokenizer = build_char_tokenizer()
+    server.tokenizer.add_tokens(["12"])  # the server splits digits differently from the student
+    with pytest.raises(ValueError, match="tokenizer mismatch between student and teacher") as error:
+        teacher.check_tokenizer(build_char_tokenizer())
+    assert_one_line_naming(error, server.url)
+
+
+def test_served_model_name_checks():
+    fake = FakeServer(models=("a", "b"))
+    try:
+        with pytest.raises(ValueError, match="serves 2 models"):
+            get_teacher(fake.url, **FAST)
+        assert get_teacher(fake.url, model="b", **FAST).model == "b"
+        with pytest.raises(ValueError, match="does not serve model 'c'"):
+            get_teacher(fake.url, model="c", **FAST).check_tokenizer(build_char_tokenizer())
+    finally:
+        fake.close()
+
+
+def test_served_teacher_refuses_temperature(server):
+    with pytest.raises(ValueError, match="temperature 0.7 is not supported"):
+        get_teacher(server.url, model="teacher", temperature=0.7)
