@@ -129,3 +129,18 @@ def test_adding_c_times_u_minus_one_shifts_the_weight_by_c_and_keeps_the_gradien
         opd_base = PROBLEM.expected_descent_direction(base, "opd", gamma)
         opd_shifted = PROBLEM.expected_descent_direction(shifted, "opd", gamma)
         assert relative_error(opd_shifted, opd_base) > 0.1
+
+
+@pytest.mark.parametrize("divergence", ["rkl", "fkl", "alpha:2", JEFFREYS], ids=str)
+def test_centering_the_weight_keeps_the_expected_gradient(divergence):
+    divergence = get_divergence(divergence)
+    table = PROBLEM.student.clone().requires_grad_(True)
+    logprobs = PROBLEM.token_logprobs(table)
+    plain = token_advantages(logprobs, PROBLEM.teacher_logprobs, PROBLEM.mask, divergence=divergence)
+    centered = token_advantages(logprobs, PROBLEM.teacher_logprobs, PROBLEM.mask, divergence=divergence, center=True)
+    shift = float(divergence.weight(torch.zeros((), dtype=torch.float64)))
+    torch.testing.assert_close(plain - centered, torch.full_like(plain, shift))
+    weights = logprobs.sum(-1).exp().detach()[:, None]
+    (grad_plain,) = torch.autograd.grad((weights * plain * logprobs).sum(), table, retain_graph=True)
+    (grad_centered,) = torch.autograd.grad((weights * centered * logprobs).sum(), table)
+    assert relative_error(grad_centered, grad_plain) < 1e-10

@@ -93,11 +93,14 @@ def discounted_future_sum(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor
 
 
 def advantages_from_log_ratio(
-    log_ratio: Tensor, mask: Tensor, divergence: Divergence, estimator: str, gamma: float
+    log_ratio: Tensor, mask: Tensor, divergence: Divergence, estimator: str, gamma: float, center: bool = False
 ) -> Tensor:
     """The advantage given already-validated, detached and clipped log-ratios l [B, T]."""
     rewards = divergence.reward(log_ratio)
     own = divergence.weight(log_ratio) if estimator == "opd+" else rewards
+    if center:  # subtract the own term's value at u = 1 (a constant: the expected gradient is unchanged)
+        zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+        own = own - (divergence.weight(zero) if estimator == "opd+" else divergence.reward(zero))
     advantages = own + discounted_future_sum(rewards, mask, gamma)
     return torch.where(mask, advantages, 0.0)
 
@@ -111,6 +114,7 @@ def token_advantages(
     estimator: str = "opd+",
     gamma: float = 0.0,
     log_ratio_clip: float | None = None,
+    center: bool = False,
 ) -> Tensor:
     """Detached per-token advantages [B, T] for a policy-gradient loss -sum_t A_t log p_theta(y_t | s_t).
 
@@ -124,6 +128,11 @@ def token_advantages(
         log_ratio_clip: clamp l = teacher - student to [-c, c] first. Weights such as fkl's u = e^l and
             chi2's u^2 - 1 are unbounded: one token the student finds very unlikely but the teacher likes
             can dominate a whole batch. Clipping trades that variance for a bias confined to |l| > c.
+        center: subtract the own term's value at u = 1 (w_f(1) = f'(1) for "opd+"; 0 already for "opd"), so
+            that tokens on which teacher and student agree get no push. Because E_p[grad log p] = 0 at every
+            state this leaves the expected gradient exactly unchanged; it only removes the variance the
+            constant adds (large for rkl, whose w = l - 1). It is the same as writing the generator with
+            f'(1) = 0. Off by default: nothing is shifted unless asked.
     """
     divergence = get_divergence(divergence)
     check_estimator(estimator)
@@ -132,4 +141,4 @@ def token_advantages(
     mask = check_token_inputs(mask, student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs)
     with torch.no_grad():
         log_ratio = log_ratios(student_logprobs, teacher_logprobs, mask, log_ratio_clip)
-        return advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma)
+        return advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma, center)

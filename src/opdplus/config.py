@@ -27,6 +27,7 @@ class TrainConfig:
     estimator: str = "opd+"
     gamma: float = 0.0
     log_ratio_clip: float | None = 10.0  # clamp l = teacher - student; fkl / chi2 weights are unbounded
+    center_weight: bool = False  # subtract w_f(1) from the opd+ weight: same expected gradient, less variance
     # rollouts: exact on-policy sampling unless the user changes it (then a warning)
     prompts_per_step: int = 16
     samples_per_prompt: int = 4

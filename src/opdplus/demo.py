@@ -16,16 +16,16 @@ from opdplus.config import TrainConfig
 
 # Same settings for every arm; --quick shortens the run for smoke tests.
 DEMO_SETTINGS = dict(
-    prompts_per_step=16,
+    prompts_per_step=32,
     samples_per_prompt=4,
     steps=150,
-    lr=1e-3,
-    warmup_steps=5,
+    lr=1e-4,
+    warmup_steps=10,
     max_grad_norm=1.0,
     log_ratio_clip=10.0,
     gamma=0.0,
     ppo_epochs=1,
-    eval_every=15,
+    eval_every=25,
     eval_examples=300,
 )
 QUICK_SETTINGS = dict(steps=40, eval_every=10, eval_examples=200)

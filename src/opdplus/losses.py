@@ -41,6 +41,7 @@ def opd_loss(
     log_ratio_clip: float | None = None,
     reduction: str = "token-mean",
     num_tokens: int | float | None = None,
+    center: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """Scalar loss to minimize and a dict of plain-float metrics.
 
@@ -55,7 +56,7 @@ def opd_loss(
             pass the global token count of the whole optimizer step so that splitting a batch into
             micro-batches or processes leaves the gradient unchanged. "sequence-mean" averages the
             per-sequence token means over sequences with at least one token. "sum" sums.
-        Other arguments as in `token_advantages`.
+        Other arguments (gamma, log_ratio_clip, center) as in `token_advantages`.
 
     Metrics: loss, log_ratio_mean (teacher - current student, unclipped), advantage_abs_mean/max,
     log_ratio_clip_fraction, ppo_clip_fraction, divergence (mean f over tokens: the per-token divergence
@@ -80,7 +81,7 @@ def opd_loss(
     advantage_policy = behavior_logprobs if off_policy and estimator == "opd" else logprobs
     with torch.no_grad():
         log_ratio = log_ratios(advantage_policy, teacher_logprobs, mask, log_ratio_clip)
-        advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma)
+        advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma, center)
 
     safe_logprobs = torch.where(mask, logprobs, 0.0)
     if off_policy:

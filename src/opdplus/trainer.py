@@ -173,7 +173,7 @@ def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attent
                 logprobs, teacher_logprobs[batch], mask[batch], divergence=config.divergence,
                 estimator=config.estimator, gamma=config.gamma, log_ratio_clip=config.log_ratio_clip,
                 behavior_logprobs=behavior_logprobs[batch] if epoch > 0 else None,
-                clip_eps=config.clip_eps, num_tokens=num_tokens,
+                clip_eps=config.clip_eps, num_tokens=num_tokens, center=config.center_weight,
             )
             if not torch.isfinite(loss):  # e.g. an unclipped fkl/chi2 weight overflowing
                 bad_rows += list(range(begin, min(begin + micro, rows)))
