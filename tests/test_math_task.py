@@ -197,7 +197,8 @@ def test_loader_missing_file(tmp_path):
 
 
 def test_loader_reads_parquet(tmp_path):
-    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow")
+    import pyarrow
     import pyarrow.parquet
 
     records = [{"question": "q1", "answer": "#### 1"}, {"question": "q2", "answer": "#### 2"}]

@@ -40,10 +40,37 @@ def _train(args: argparse.Namespace) -> None:
     from opdplus.trainer import train
 
     values = load_yaml_config(args.config) if args.config else {}
-    values.update({name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name) is not None})
+    values.update({name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name, None) is not None})
     config = TrainConfig(**values)
     last = train(config, progress=not args.no_progress)
     print(f"done: step {last['step']}, outputs in {config.out} (metrics.jsonl, final/)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from opdplus.evaluation import evaluate_model
+    from opdplus.tasks import get_task
+
+    task = get_task(args.task, test_data=args.data, question_field=args.question_field,
+                    answer_field=args.answer_field, max_new_tokens=args.max_new_tokens)
+    examples = task.examples("test", args.limit, seed=args.seed) if args.limit else _all_test_examples(task, args)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out} exists; pick another file or pass --overwrite")
+    summary = evaluate_model(args.model, task, examples, k=args.k, batch_size=args.batch_size, out=out,
+                             progress=not args.no_progress)
+    width = max(len(key) for key in summary)
+    print(f"{args.model} on {args.task}" + (f" ({args.data})" if args.data else ""))
+    for key, value in summary.items():
+        print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+    if out is not None:
+        print(f"per-example results: {out}")
+
+
+def _all_test_examples(task, args) -> list:
+    """Every record of a data file once, in file order; the built-in tasks draw `--limit` (default 500)."""
+    if hasattr(task, "_load"):
+        return list(task._load("test"))
+    return task.examples("test", 500, seed=args.seed)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -95,6 +122,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 parser.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false")
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        if typing.get_origin(base) is dict:  # e.g. several teachers: only in a --config YAML file
+            continue
         parser.add_argument(flag, dest=field.name, type=_optional(base) if base is not kind else base, default=None,
                             metavar=field.name.upper(), help=f"default: {field.default}")
 
@@ -134,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", parents=[common], help="accuracy of a model on a task (table + JSONL)")
+    evaluate.add_argument("--model", required=True, help="model directory, tiny: name or hub id")
+    evaluate.add_argument("--task", required=True, help="arith, toolcall, mix, math or tooluse")
+    evaluate.add_argument("--data", help="evaluation data for math / tooluse (JSONL, JSON or Parquet)")
+    evaluate.add_argument("--question-field", default="question")
+    evaluate.add_argument("--answer-field", default="answer")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--k", type=int, default=0, help="also sample k responses per prompt: avg@k, pass@k")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate this many examples (default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", help="per-example JSONL (prompt, output, verdict)")
+    evaluate.add_argument("--overwrite", action="store_true")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=_eval)
 
     exact = commands.add_parser("exact", parents=[common], help="compare opd and opd+ with the exact gradient on a tabular student")
     exact.add_argument("--divergences", default="rkl,fkl,jsd,hellinger,chi2,alpha:0.5")

@@ -20,8 +20,15 @@ class TrainConfig:
     # what to distill
     task: str = "arith"
     student: str = "tiny:arith-student"
-    teacher: str = "tiny:arith-teacher"
+    teacher: str = "tiny:arith-teacher"  # a model directory, a tiny: name or a vLLM/SGLang URL
+    teachers: dict[str, str] | None = None  # several teachers: name -> spec; examples name theirs (Example.teacher)
     out: str = "runs/train"
+    # data for the math / tooluse tasks (JSONL, JSON or Parquet; the built-in tasks generate their own)
+    data: str | None = None
+    test_data: str | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    teacher_field: str = "teacher"  # with several teachers: the record field that names each example's teacher
     # the estimator
     divergence: str = "rkl"
     estimator: str = "opd+"
@@ -86,9 +93,23 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.teachers is not None and not (isinstance(self.teachers, dict) and all(
+                isinstance(name, str) and isinstance(spec, str) for name, spec in self.teachers.items())):
+            raise ValueError("teachers must map teacher names to model specs (strings)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
         return self
+
+    def make_task(self):
+        from opdplus.tasks import get_task
+
+        return get_task(self.task, data=self.data, test_data=self.test_data, question_field=self.question_field,
+                        answer_field=self.answer_field, teacher_field=self.teacher_field,
+                        max_new_tokens=self.max_new_tokens)
+
+    def teacher_specs(self) -> dict[str, str]:
+        """name -> spec; `teacher` serves examples that name none."""
+        return {"default": self.teacher, **(self.teachers or {})}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -39,16 +39,43 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def render_prompt(tokenizer, prompt: str) -> str:
-    """The model-ready text for a user prompt.
+def render_prompt(tokenizer, prompt) -> str:
+    """The model-ready text for a prompt: a string (one user turn) or an Example (its messages and tools).
 
-    With a chat template: a single user turn plus the assistant generation prompt.
-    Without one (base models): the prompt text unchanged, the model continues it.
+    With a chat template: the messages plus the assistant generation prompt; tools go through the template's
+    own `tools` support when it has one, else they are described in a system message (plain format below).
+    Without a chat template (base models), the documented plain format:
+
+        <tools described by format_tools_plain, if any>
+
+        user: <content>
+        assistant:
+
+    and a single user prompt without tools is passed unchanged, for the model to continue.
     """
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, str):
+        messages, tools = [{"role": "user", "content": prompt}], None
+    else:
+        messages = [dict(m) for m in prompt.messages] if prompt.messages else [{"role": "user", "content": prompt.prompt}]
+        tools = [dict(tool) for tool in prompt.tools] if prompt.tools else None
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        if tools and "tools" in template:
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        if tools:
+            messages = [{"role": "system", "content": _plain_tools(tools)}, *messages]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return prompt
+    if tools is None and len(messages) == 1:
+        return messages[0]["content"]
+    lines = [_plain_tools(tools), ""] if tools else []
+    lines += [f"{message['role']}: {message['content']}" for message in messages]
+    return "\n".join(lines + ["assistant:"])
+
+
+def _plain_tools(tools: list[dict]) -> str:
+    from opdplus.tasks.tooluse import format_tools_plain
+
+    return format_tools_plain(tools)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -88,7 +115,7 @@ def mask_through_first_eos(response_ids: torch.Tensor, eos_ids: list[int]) -> to
 def sample(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list,  # strings (one user turn each) or Examples (messages, tools)
     *,
     num_samples: int = 1,
     max_new_tokens: int,
@@ -160,7 +187,7 @@ def evaluate(model, tokenizer, task, examples, *, k: int = 0, batch_size: int = 
         greedy_correct, sampled_correct = [], []
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
-            prompts = [example.prompt for example in batch]
+            prompts = list(batch)
             rollouts = sample(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, greedy=True)
             greedy_correct += [task.verify(c, batch[i]) for c, i in zip(rollouts.completions, rollouts.prompt_index)]
             if k > 0:
@@ -169,7 +196,7 @@ def evaluate(model, tokenizer, task, examples, *, k: int = 0, batch_size: int = 
                 for chunk_start in range(0, len(batch), per_chunk):
                     chunk = batch[chunk_start : chunk_start + per_chunk]
                     rollouts = sample(
-                        model, tokenizer, [e.prompt for e in chunk], num_samples=k, max_new_tokens=task.max_new_tokens
+                        model, tokenizer, list(chunk), num_samples=k, max_new_tokens=task.max_new_tokens
                     )
                     sampled_correct += [task.verify(c, chunk[i]) for c, i in zip(rollouts.completions, rollouts.prompt_index)]
     return {

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,9 +38,10 @@ from opdplus.config import TrainConfig
 from opdplus.logprobs import token_logprobs
 from opdplus.losses import opd_loss
 from opdplus.rollout import evaluate, sample
-from opdplus.tasks import get_task
+from opdplus.tasks import DATA_TASKS
+from opdplus.teachers import get_teacher
+from opdplus.teachers.routing import TeacherRouter
 from opdplus.tiny.models import load_model_and_tokenizer
-from opdplus.vocab import check_same_vocabulary
 
 
 class NonFiniteRunError(RuntimeError):
@@ -51,18 +53,22 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     config.validate()
     out = Path(config.out)
     check_run_directory(out, resume=config.resume, overwrite=config.overwrite)
-    task = get_task(config.task)
+    task = config.make_task()
     student, tokenizer = load_model_and_tokenizer(config.student)
-    teacher, teacher_tokenizer = load_model_and_tokenizer(config.teacher)
-    check_same_vocabulary(tokenizer, teacher_tokenizer)
+    teachers = TeacherRouter({name: get_teacher(spec) for name, spec in config.teacher_specs().items()})
+    teachers.check_tokenizer(tokenizer)  # every token id the student emits must mean the same to each teacher
+    evaluates = config.task not in DATA_TASKS or config.test_data is not None
+    if not evaluates:
+        warnings.warn("no --test-data: held-out evaluation is skipped", stacklevel=2)
+    test_examples = task.examples("test", config.eval_examples, seed=0) if evaluates else []
+    teachers.check_routes({example.teacher for example in task.examples("train", 256, seed=config.seed)})
     prepare_run_directory(out, overwrite=config.overwrite)
 
     resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
     if resume_from is not None:  # weights through safetensors, exactly as saved
         student = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32, use_safetensors=True)
-    # eval mode for both: no dropout, so the policy that samples is the policy that is scored and trained
+    # eval mode: no dropout, so the policy that samples is the policy that is scored and trained
     student.eval()
-    teacher.eval().requires_grad_(False)
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -70,11 +76,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
     log = MetricsLog(out, keep_through=start_step if resume_from else -1, tensorboard=config.tensorboard)
 
-    test_examples = task.examples("test", config.eval_examples, seed=0)
     max_new_tokens = config.max_new_tokens or task.max_new_tokens
     last = {"step": start_step}
     if start_step == 0:
-        last = log.write({"step": 0, **evaluate(student, tokenizer, task, test_examples, k=config.eval_k)})
+        last = log.write({"step": 0, **(evaluate(student, tokenizer, task, test_examples, k=config.eval_k)
+                                        if test_examples else {})})
 
     bad_steps, skipped_steps = 0, 0
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
@@ -85,7 +91,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
         # 1. rollouts from the current student
         examples = task.examples("train", config.prompts_per_step, seed=config.seed * 1_000_003 + step)
-        rollouts = sample(student, tokenizer, [example.prompt for example in examples],
+        rollouts = sample(student, tokenizer, examples,
                           num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
         failpoint(f"rollout:{step}")
@@ -93,9 +99,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         mask, prompt_length = rollouts.response_mask, rollouts.prompt_length  # [N, T], P
         generated = time.perf_counter()
 
-        # 2. the teacher scores exactly the sampled token ids
-        with torch.no_grad():
-            teacher_logprobs = token_logprobs(teacher, input_ids, attention_mask, start=prompt_length)  # [N, T]
+        # 2. each example's teacher scores exactly the sampled token ids
+        routes = [examples[index].teacher for index in rollouts.prompt_index]
+        teacher_logprobs = teachers.score(input_ids, attention_mask, mask, routes)  # [N, T]
         scored = time.perf_counter()
 
         # 3. policy-gradient updates; later epochs reuse the batch with importance ratios
@@ -126,7 +132,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             "time_update": updated - scored,
             **{f"time_{name}": seconds for name, seconds in timings.items()},
         }
-        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        if test_examples and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
             record.update(evaluate(student, tokenizer, task, test_examples, k=config.eval_k))
         record["time_step"] = time.perf_counter() - started
         last = log.write(record)
@@ -142,6 +148,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
                             {"config": config.to_dict()}, config.keep_last)
 
     log.close()
+    teachers.close()
     atomic_directory(out / "final", lambda d: (student.save_pretrained(d, safe_serialization=True),
                                               tokenizer.save_pretrained(d)))
     return last

@@ -16,6 +16,7 @@ class Example:
     response: str  # a gold response, used to SFT the tiny models
     messages: tuple | None = None  # chat messages (dicts) for multi-turn prompts; None: just `prompt`
     tools: tuple | None = None  # JSON schemas of the tools the model may call
+    teacher: str | None = None  # which configured teacher scores this example; None: the default one
 
 
 class Task(Protocol):

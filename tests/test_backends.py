@@ -1,0 +1,162 @@
+"""Rollout backends: HF generate on a tiny model, and the vLLM backend against a fake engine (no vLLM needed)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opdplus.backends import (
+    ON_POLICY_SAMPLING,
+    HFBackend,
+    RolloutBackend,
+    VLLMBackend,
+    encode_prompts,
+    get_backend,
+)
+from opdplus.tiny.tokenizer import build_char_tokenizer
+
+PROMPTS = ["1+1=", "12*34="]
+
+
+class FakeVLLMModel:
+    def __init__(self):
+        self.loaded = None
+
+    def load_weights(self, weights):
+        self.loaded = list(weights)
+        return {name for name, _ in self.loaded}
+
+
+class FakeEngine:
+    """Answers like `vllm.LLM.generate`: one RequestOutput per prompt, `n` CompletionOutputs each, with the
+    sampled token's Logprob per position. `canned[i]` lists prompt i's responses."""
+
+    def __init__(self, canned):
+        self.canned, self.params, self.prompts = canned, [], None
+        self.model, self.cache_resets = FakeVLLMModel(), 0
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.params.append(sampling_params)
+        self.prompts = prompts
+        return [SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[
+            SimpleNamespace(index=k, token_ids=tokens,
+                            logprobs=[{token: SimpleNamespace(logprob=-0.5 - position, rank=1)}
+                                      for position, token in enumerate(tokens)])
+            for k, tokens in reversed(list(enumerate(self.canned[i])))  # out of order: the backend sorts by index
+        ]) for i, prompt in enumerate(prompts)]
+
+    def apply_model(self, function):
+        return [function(self.model)]
+
+    def reset_prefix_cache(self):
+        self.cache_resets += 1
+
+
+@pytest.fixture
+def student(models):
+    return AutoModelForCausalLM.from_pretrained(models["student"])
+
+
+def test_hf_backend_samples_exactly_on_policy(student):
+    tokenizer = build_char_tokenizer()
+    backend = HFBackend(student, tokenizer)
+    assert isinstance(backend, RolloutBackend)
+    calls = []
+    generate = student.generate
+
+    def recording_generate(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    student.generate = recording_generate
+    rollouts = backend.generate(PROMPTS, num_samples=3, max_new_tokens=5)
+    assert calls and {key: calls[0][key] for key in ("do_sample", "temperature", "top_k", "top_p")} == {
+        "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    prompt_length = max(len(ids) for ids in encode_prompts(tokenizer, PROMPTS))
+    assert rollouts.prompt_length == prompt_length
+    rows, width = rollouts.response_mask.shape
+    assert rows == 6 and 1 <= width <= 5 and rollouts.input_ids.shape == (6, prompt_length + width)
+    assert rollouts.attention_mask.shape == rollouts.input_ids.shape
+    assert rollouts.prompt_index == [0, 0, 0, 1, 1, 1] and len(rollouts.completions) == 6
+    other = HFBackend(None, tokenizer)
+    other.sync_weights(student)  # HF samples with whatever model it was last given
+    assert other.model is student
+
+
+def test_vllm_sampling_is_forced_on_policy():
+    tokenizer = build_char_tokenizer()
+    engine = FakeEngine([[[5, tokenizer.eos_token_id]], [[6, tokenizer.eos_token_id]]])
+    with pytest.warns(UserWarning, match="top_k"):
+        backend = VLLMBackend("unused", tokenizer, engine=engine, sampling_params_class=dict,
+                              sampling_options={"top_k": 50, "temperature": 0.7, "presence_penalty": 0.5, "seed": 3})
+    backend.generate(PROMPTS, num_samples=1, max_new_tokens=7)
+    params = engine.params[0]
+    assert {name: params[name] for name in ON_POLICY_SAMPLING} == ON_POLICY_SAMPLING
+    assert params["temperature"] == 1.0 and params["top_k"] == -1 and params["top_p"] == 1.0
+    assert params["min_p"] == 0.0 and params["logprobs"] == 0
+    assert params["seed"] == 3  # options that do not change the distribution pass through
+    assert (params["n"], params["max_tokens"], params["stop_token_ids"]) == (1, 7, [tokenizer.eos_token_id])
+    with pytest.raises(ValueError, match="max_tokens"):
+        VLLMBackend("unused", tokenizer, engine=engine, sampling_params_class=dict, sampling_options={"max_tokens": 3})
+    with pytest.raises(ValueError, match="logits_processors"):
+        VLLMBackend("unused", tokenizer, engine=engine, sampling_params_class=dict, logits_processors=[abs])
+
+
+def test_vllm_outputs_become_rollouts_with_pad_equal_to_eos(student):
+    tokenizer = build_char_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # pad == eos: padding must not pass for a final EOS
+    eos = tokenizer.eos_token_id
+    canned = [
+        [[10, 11, eos], [12, 13, 14, 15, 16]],  # ends with EOS; truncated at max_new_tokens (no EOS)
+        [[17, eos], [18, eos, 19]],  # short; a token after the first EOS is masked and padded
+    ]
+    engine = FakeEngine(canned)
+    backend = VLLMBackend("unused", tokenizer, eos_token_ids=[eos], engine=engine, sampling_params_class=dict)
+    rollouts = backend.generate(PROMPTS, num_samples=2, max_new_tokens=5)
+
+    encoded = encode_prompts(tokenizer, PROMPTS)
+    assert engine.prompts == [{"prompt_token_ids": ids} for ids in encoded]  # token ids, not text
+    # prompts are laid out exactly as the HF backend lays them out
+    hf = HFBackend(student, tokenizer).generate(PROMPTS, num_samples=2, max_new_tokens=2)
+    prompt_length = rollouts.prompt_length
+    assert prompt_length == hf.prompt_length
+    assert torch.equal(rollouts.input_ids[:, :prompt_length], hf.input_ids[:, :prompt_length])
+    assert torch.equal(rollouts.attention_mask[:, :prompt_length], hf.attention_mask[:, :prompt_length])
+
+    expected_ids = torch.tensor([[10, 11, eos, eos, eos], [12, 13, 14, 15, 16], [17, eos, eos, eos, eos],
+                                 [18, eos, eos, eos, eos]])
+    expected_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]).bool()
+    assert torch.equal(rollouts.response_ids, expected_ids)
+    assert torch.equal(rollouts.response_mask, expected_mask)
+    assert torch.equal(rollouts.attention_mask[:, prompt_length:], expected_mask.long())
+    assert rollouts.prompt_index == [0, 0, 1, 1]
+    assert rollouts.completions[0] == tokenizer.decode([10, 11], skip_special_tokens=True)
+    expected_logprobs = torch.where(expected_mask, -0.5 - torch.arange(5.0), 0.0)
+    assert torch.equal(rollouts.sampling_logprobs, expected_logprobs)
+
+
+def test_vllm_sync_weights_loads_the_model_tensors(student):
+    tokenizer = build_char_tokenizer()
+    engine = FakeEngine([])
+    backend = VLLMBackend("unused", tokenizer, engine=engine, sampling_params_class=dict)
+    with torch.no_grad():
+        student.model.embed_tokens.weight.add_(1.0)  # a trained model differs from its directory
+    backend.sync_weights(student)
+    loaded = dict(engine.model.loaded)
+    state = student.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[name], state[name]) for name in state)
+    assert engine.cache_resets == 1  # KV blocks cached under the old weights are dropped
+
+
+def test_get_backend(student):
+    tokenizer = build_char_tokenizer()
+    assert isinstance(get_backend("hf", student, tokenizer), HFBackend)
+    engine = FakeEngine([])
+    backend = get_backend("vllm", student, tokenizer, engine=engine, sampling_params_class=dict)
+    assert isinstance(backend, VLLMBackend) and isinstance(backend, RolloutBackend)
+    assert engine.model.loaded is not None  # the engine starts from the model's current weights
+    assert backend.eos_ids == [tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="unknown rollout backend"):
+        get_backend("sglang", student, tokenizer)
