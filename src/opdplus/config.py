@@ -39,6 +39,7 @@ class TrainConfig:
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
     max_new_tokens: int | None = None  # None: the task's own limit
+    rollout_backend: str = "hf"  # "hf" (generate with the training model) or "vllm" (colocated engine)
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.rollout_backend not in ("hf", "vllm"):
+            raise ValueError(f"rollout_backend must be hf or vllm, got {self.rollout_backend!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.teachers is not None and not (isinstance(self.teachers, dict) and all(

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from opdplus.backends import get_backend
 from opdplus.checkpoint import (
     atomic_directory,
     atomic_write_text,
@@ -36,6 +37,8 @@ from opdplus.checkpoint import (
 )
 from opdplus.config import TrainConfig
 from opdplus.logprobs import token_logprobs
+from opdplus.advantages import token_advantages
+from opdplus.divergences import get_divergence
 from opdplus.losses import opd_loss
 from opdplus.rollout import evaluate, sample
 from opdplus.tasks import DATA_TASKS
@@ -83,6 +86,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
                                         if test_examples else {})})
 
     bad_steps, skipped_steps = 0, 0
+    backend = None if config.rollout_backend == "hf" else get_backend(config.rollout_backend, student, tokenizer)
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
                desc=f"{config.divergence}/{config.estimator}", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -91,9 +95,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
         # 1. rollouts from the current student
         examples = task.examples("train", config.prompts_per_step, seed=config.seed * 1_000_003 + step)
-        rollouts = sample(student, tokenizer, examples,
-                          num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
-                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+        if backend is None:
+            rollouts = sample(student, tokenizer, examples,
+                              num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
+                              temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+        else:  # an inference engine with its own copy of the weights, synced after every update
+            rollouts = backend.generate(examples, num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens)
         failpoint(f"rollout:{step}")
         input_ids, attention_mask = rollouts.input_ids, rollouts.attention_mask  # [N, P + T]
         mask, prompt_length = rollouts.response_mask, rollouts.prompt_length  # [N, T], P
@@ -105,8 +112,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         scored = time.perf_counter()
 
         # 3. policy-gradient updates; later epochs reuse the batch with importance ratios
-        metrics, bad_rows = update(student, optimizer, scheduler, config, input_ids, attention_mask, prompt_length,
-                                   mask, teacher_logprobs, timings := {})
+        metrics, bad_rows, sampled_logprobs = update(student, optimizer, scheduler, config, input_ids,
+                                                     attention_mask, prompt_length, mask, teacher_logprobs,
+                                                     timings := {})
+        if backend is not None and not bad_rows:
+            backend.sync_weights(student)
         updated = time.perf_counter()
         failpoint(f"update:{step}")
         bad_steps = bad_steps + 1 if bad_rows else 0
@@ -132,6 +142,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             "time_update": updated - scored,
             **{f"time_{name}": seconds for name, seconds in timings.items()},
         }
+        if config.teachers and not bad_rows:
+            record.update(per_teacher_metrics(config, routes, mask, sampled_logprobs, teacher_logprobs))
         if test_examples and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
             record.update(evaluate(student, tokenizer, task, test_examples, k=config.eval_k))
         record["time_step"] = time.perf_counter() - started
@@ -155,9 +167,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
 
 def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attention_mask, prompt_length, mask,
-           teacher_logprobs, timings: dict | None = None) -> tuple[dict, list[int]]:
-    """ppo_epochs optimizer steps on one batch. Returns the first (on-policy) epoch's metrics and the rows
-    that held non-finite log-probs, loss or gradients; when that list is not empty no update was applied.
+           teacher_logprobs, timings: dict | None = None) -> tuple[dict, list[int], torch.Tensor]:
+    """ppo_epochs optimizer steps on one batch. Returns the first (on-policy) epoch's metrics, the rows
+    that held non-finite log-probs, loss or gradients (when not empty, no update was applied) and the
+    sampling policy's log-probs [N, T].
     Seconds spent in the student's forward, backward and optimizer steps are added to `timings`."""
     timings = {} if timings is None else timings
     clock = Stopwatch(timings)
@@ -195,12 +208,32 @@ def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attent
             first_metrics = {**combine(parts), "grad_norm": float(grad_norm)}
         if bad_rows or not torch.isfinite(grad_norm):  # never apply a NaN/inf update
             optimizer.zero_grad(set_to_none=True)
-            return first_metrics, bad_rows or list(range(rows))
+            return first_metrics, bad_rows or list(range(rows)), behavior_logprobs
         with clock("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-    return first_metrics, []
+    return first_metrics, [], behavior_logprobs
+
+
+def per_teacher_metrics(config: TrainConfig, routes: list, mask, student_logprobs, teacher_logprobs) -> dict:
+    """Share of tokens, mean per-token divergence and mean |A| of each teacher's rows."""
+    advantages = token_advantages(student_logprobs, teacher_logprobs, mask, divergence=config.divergence,
+                                  estimator=config.estimator, gamma=config.gamma,
+                                  log_ratio_clip=config.log_ratio_clip, center=config.center_weight)
+    divergence = get_divergence(config.divergence)
+    log_ratio = (teacher_logprobs - student_logprobs).clamp(-(config.log_ratio_clip or math.inf),
+                                                            config.log_ratio_clip or math.inf)
+    total = mask.sum().clamp(min=1)
+    metrics = {}
+    for name in sorted({route or "default" for route in routes}):
+        rows = torch.tensor([(route or "default") == name for route in routes])
+        tokens = mask & rows[:, None]
+        count = tokens.sum().clamp(min=1)
+        metrics[f"teacher/{name}/token_share"] = float(tokens.sum() / total)
+        metrics[f"teacher/{name}/divergence"] = float(torch.where(tokens, divergence.f(log_ratio), 0.0).sum() / count)
+        metrics[f"teacher/{name}/advantage_abs_mean"] = float(advantages.abs()[tokens].sum() / count)
+    return metrics
 
 
 def combine(parts: list[dict]) -> dict:
