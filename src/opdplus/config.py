@@ -21,7 +21,10 @@ class TrainConfig:
     task: str = "arith"
     student: str = "tiny:arith-student"
     teacher: str = "tiny:arith-teacher"  # a model directory, a tiny: name or a vLLM/SGLang URL
-    teachers: dict[str, str] | None = None  # several teachers: name -> spec; examples name theirs (Example.teacher)
+    teacher_api: str = "vllm"  # for a URL teacher: "vllm" or "sglang"
+    # several teachers: name -> spec, or name -> {spec: ..., api: ..., temperature: ..., ...} (get_teacher options);
+    # each example names its teacher (the data field `teacher_field`); `teacher` serves examples that name none
+    teachers: dict | None = None
     out: str = "runs/train"
     # data for the math / tooluse tasks (JSONL, JSON or Parquet; the built-in tasks generate their own)
     data: str | None = None
@@ -39,6 +42,8 @@ class TrainConfig:
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
     max_new_tokens: int | None = None  # None: the task's own limit
+    max_prompt_length: int | None = None  # rendered prompt tokens; longer prompts are skipped or fail the run
+    long_prompts: str = "skip"  # "skip" (counted in metrics) or "fail"
     rollout_backend: str = "hf"  # "hf" (generate with the training model) or "vllm" (colocated engine)
     temperature: float = 1.0
     top_k: int = 0
@@ -82,7 +87,8 @@ class TrainConfig:
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("log_ratio_clip", "clip_eps", "max_grad_norm", "micro_batch_size", "max_new_tokens"):
+        for name in ("log_ratio_clip", "clip_eps", "max_grad_norm", "micro_batch_size", "max_new_tokens",
+                     "max_prompt_length"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive or unset, got {value}")
@@ -92,13 +98,13 @@ class TrainConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.long_prompts not in ("skip", "fail"):
+            raise ValueError(f"long_prompts must be skip or fail, got {self.long_prompts!r}")
         if self.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"rollout_backend must be hf or vllm, got {self.rollout_backend!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.teachers is not None and not (isinstance(self.teachers, dict) and all(
-                isinstance(name, str) and isinstance(spec, str) for name, spec in self.teachers.items())):
-            raise ValueError("teachers must map teacher names to model specs (strings)")
+        self.teacher_specs()  # validates the teachers mapping
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
         return self
@@ -110,9 +116,20 @@ class TrainConfig:
                         answer_field=self.answer_field, teacher_field=self.teacher_field,
                         max_new_tokens=self.max_new_tokens)
 
-    def teacher_specs(self) -> dict[str, str]:
-        """name -> spec; `teacher` serves examples that name none."""
-        return {"default": self.teacher, **(self.teachers or {})}
+    def teacher_specs(self) -> dict[str, tuple[str, dict]]:
+        """name -> (spec, get_teacher options); "default" is `teacher`, for examples that name none."""
+        entries = {"default": self.teacher, **(self.teachers or {})}
+        specs = {}
+        for name, entry in entries.items():
+            if isinstance(entry, str):
+                entry = {"spec": entry}
+            if not isinstance(entry, dict) or not isinstance(entry.get("spec"), str):
+                raise ValueError(f"teachers: {name!r} must be a model spec or a mapping with a 'spec' key")
+            options = {key: value for key, value in entry.items() if key != "spec"}
+            if entry["spec"].startswith(("http://", "https://")):
+                options.setdefault("api", self.teacher_api)
+            specs[str(name)] = (entry["spec"], options)
+        return specs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -40,7 +40,7 @@ from opdplus.logprobs import token_logprobs
 from opdplus.advantages import token_advantages
 from opdplus.divergences import get_divergence
 from opdplus.losses import opd_loss
-from opdplus.rollout import evaluate, sample
+from opdplus.rollout import evaluate, render_prompt, sample
 from opdplus.tasks import DATA_TASKS
 from opdplus.teachers import get_teacher
 from opdplus.teachers.routing import TeacherRouter
@@ -58,13 +58,17 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     check_run_directory(out, resume=config.resume, overwrite=config.overwrite)
     task = config.make_task()
     student, tokenizer = load_model_and_tokenizer(config.student)
-    teachers = TeacherRouter({name: get_teacher(spec) for name, spec in config.teacher_specs().items()})
+    teachers = TeacherRouter({name: get_teacher(spec, **options)
+                              for name, (spec, options) in config.teacher_specs().items()})
     teachers.check_tokenizer(tokenizer)  # every token id the student emits must mean the same to each teacher
     evaluates = config.task not in DATA_TASKS or config.test_data is not None
     if not evaluates:
         warnings.warn("no --test-data: held-out evaluation is skipped", stacklevel=2)
     test_examples = task.examples("test", config.eval_examples, seed=0) if evaluates else []
     teachers.check_routes({example.teacher for example in task.examples("train", 256, seed=config.seed)})
+    if config.max_prompt_length and config.long_prompts == "fail":  # fail before anything is written
+        candidates = task._load("train") if hasattr(task, "_load") else task.examples("train", 256, seed=config.seed)
+        drop_long_prompts(candidates, tokenizer, config)
     prepare_run_directory(out, overwrite=config.overwrite)
 
     resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
@@ -85,7 +89,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         last = log.write({"step": 0, **(evaluate(student, tokenizer, task, test_examples, k=config.eval_k)
                                         if test_examples else {})})
 
-    bad_steps, skipped_steps = 0, 0
+    bad_steps, skipped_steps, long_prompts_skipped = 0, 0, 0
     backend = None if config.rollout_backend == "hf" else get_backend(config.rollout_backend, student, tokenizer)
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
                desc=f"{config.divergence}/{config.estimator}", disable=not progress, dynamic_ncols=True)
@@ -95,6 +99,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
         # 1. rollouts from the current student
         examples = task.examples("train", config.prompts_per_step, seed=config.seed * 1_000_003 + step)
+        examples, skipped = drop_long_prompts(examples, tokenizer, config)
+        long_prompts_skipped += skipped
         if backend is None:
             rollouts = sample(student, tokenizer, examples,
                               num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
@@ -133,6 +139,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             **metrics,
             "skipped_update": int(bool(bad_rows)),
             "skipped_updates_total": skipped_steps,
+            "long_prompts_skipped_total": long_prompts_skipped,
             "bad_rollouts": bad_rows,
             "sample_accuracy": sum(correct) / len(correct),
             "response_length": float(mask.sum(-1).float().mean()),
@@ -164,6 +171,24 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     atomic_directory(out / "final", lambda d: (student.save_pretrained(d, safe_serialization=True),
                                               tokenizer.save_pretrained(d)))
     return last
+
+
+def drop_long_prompts(examples: list, tokenizer, config: TrainConfig) -> tuple[list, int]:
+    """Examples whose rendered prompt fits max_prompt_length, and how many were dropped; with
+    long_prompts="fail" a too-long prompt is an error instead."""
+    if not config.max_prompt_length:
+        return examples, 0
+    kept = []
+    for example in examples:
+        length = len(tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"])
+        if length <= config.max_prompt_length:
+            kept.append(example)
+        elif config.long_prompts == "fail":
+            raise ValueError(f"a prompt of {length} tokens exceeds max_prompt_length={config.max_prompt_length} "
+                             f"(starts {example.prompt[:40]!r}); raise the limit or pass --long-prompts skip")
+    if not kept:
+        raise ValueError(f"every prompt of the batch exceeds max_prompt_length={config.max_prompt_length}")
+    return kept, len(examples) - len(kept)
 
 
 def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attention_mask, prompt_length, mask,
