@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import typing
@@ -38,6 +39,11 @@ def _exact(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from opdplus.trainer import train
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: set up the process group
+        from accelerate import PartialState
+
+        PartialState()
 
     values = load_yaml_config(args.config) if args.config else {}
     values.update({name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name, None) is not None})

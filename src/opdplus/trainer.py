@@ -69,7 +69,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     if config.max_prompt_length and config.long_prompts == "fail":  # fail before anything is written
         candidates = task._load("train") if hasattr(task, "_load") else task.examples("train", 256, seed=config.seed)
         drop_long_prompts(candidates, tokenizer, config)
-    prepare_run_directory(out, overwrite=config.overwrite)
+    rank, world_size = world()
+    main_process = rank == 0  # under `accelerate launch`: only process 0 writes, evaluates and logs
+    if main_process:
+        prepare_run_directory(out, overwrite=config.overwrite)
 
     resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
     if resume_from is not None:  # weights through safetensors, exactly as saved
@@ -80,11 +83,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     start_step = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
-    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
-    log = MetricsLog(out, keep_through=start_step if resume_from else -1, tensorboard=config.tensorboard)
+    if main_process:
+        atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
+    log = MetricsLog(out, keep_through=start_step if resume_from else -1, tensorboard=config.tensorboard,
+                     enabled=main_process)
 
     max_new_tokens = config.max_new_tokens or task.max_new_tokens
     last = {"step": start_step}
+    test_examples = test_examples if main_process else []
     if start_step == 0:
         last = log.write({"step": 0, **(evaluate(student, tokenizer, task, test_examples, k=config.eval_k)
                                         if test_examples else {})})
@@ -92,13 +98,16 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     bad_steps, skipped_steps, long_prompts_skipped = 0, 0, 0
     backend = None if config.rollout_backend == "hf" else get_backend(config.rollout_backend, student, tokenizer)
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
-               desc=f"{config.divergence}/{config.estimator}", disable=not progress, dynamic_ncols=True)
+               desc=f"{config.divergence}/{config.estimator}", disable=not (progress and main_process),
+               dynamic_ncols=True)
     for step in bar:
-        torch.manual_seed(config.seed * 1_000_003 + step)
+        torch.manual_seed(config.seed * 1_000_003 + step + 7919 * rank)
         started = time.perf_counter()
 
         # 1. rollouts from the current student
-        examples = task.examples("train", config.prompts_per_step, seed=config.seed * 1_000_003 + step)
+        # the step's global batch, of which each process takes its own share
+        examples = task.examples("train", config.prompts_per_step * world_size, seed=config.seed * 1_000_003 + step)
+        examples = examples[rank * config.prompts_per_step : (rank + 1) * config.prompts_per_step]
         examples, skipped = drop_long_prompts(examples, tokenizer, config)
         long_prompts_skipped += skipped
         if backend is None:
@@ -162,14 +171,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         bar.set_postfix(acc=f"{log.last_accuracy:.2f}", rkl=f"{record.get('reverse_kl', math.nan):.3f}",
                         s_step=f"{record['time_step']:.2f}")
 
-        if config.save_every and step % config.save_every == 0:
+        if main_process and config.save_every and step % config.save_every == 0:
             save_checkpoint(out, step, student, tokenizer, optimizer, scheduler,
                             {"config": config.to_dict()}, config.keep_last)
 
     log.close()
     teachers.close()
-    atomic_directory(out / "final", lambda d: (student.save_pretrained(d, safe_serialization=True),
-                                              tokenizer.save_pretrained(d)))
+    if main_process:
+        atomic_directory(out / "final", lambda d: (student.save_pretrained(d, safe_serialization=True),
+                                                  tokenizer.save_pretrained(d)))
     return last
 
 
@@ -201,7 +211,8 @@ def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attent
     clock = Stopwatch(timings)
     rows = input_ids.shape[0]
     micro = config.micro_batch_size or rows
-    num_tokens = int(mask.sum().clamp(min=1))  # global count: micro-batching leaves the gradient unchanged
+    # the token count of the whole step, over micro-batches and processes: neither changes the gradient
+    num_tokens = int(all_reduce_sum(mask.sum().double()).clamp(min=1))
     behavior_logprobs = torch.zeros_like(teacher_logprobs)
     first_metrics: dict = {}
     for epoch in range(config.ppo_epochs):
@@ -228,10 +239,13 @@ def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attent
             with clock("backward"):
                 loss.backward()
             parts.append(metrics)
+        # data parallel: sum the gradients (each process's loss is already divided by the global token
+        # count) and skip the update everywhere if any process saw non-finite values
+        bad_anywhere = all_reduce_gradients(student, bad=bool(bad_rows))
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm or math.inf)
         if parts and epoch == 0:
             first_metrics = {**combine(parts), "grad_norm": float(grad_norm)}
-        if bad_rows or not torch.isfinite(grad_norm):  # never apply a NaN/inf update
+        if bad_anywhere or not torch.isfinite(grad_norm):  # never apply a NaN/inf update
             optimizer.zero_grad(set_to_none=True)
             return first_metrics, bad_rows or list(range(rows)), behavior_logprobs
         with clock("optimizer"):
@@ -239,6 +253,32 @@ def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attent
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
     return first_metrics, [], behavior_logprobs
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group `accelerate launch` set up; (0, 1) otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def all_reduce_gradients(model, *, bad: bool) -> bool:
+    """Sum gradients over processes; returns whether any process flagged its batch as bad."""
+    if world()[1] == 1:
+        return bad
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad)
+    return bool(all_reduce_sum(torch.tensor(float(bad))) > 0)
 
 
 def per_teacher_metrics(config: TrainConfig, routes: list, mask, student_logprobs, teacher_logprobs) -> dict:
@@ -310,7 +350,10 @@ class MetricsLog:
     On resume the file is cut back to the checkpoint's step, so a step is never logged twice.
     """
 
-    def __init__(self, out: Path, keep_through: int, tensorboard: bool):
+    def __init__(self, out: Path, keep_through: int, tensorboard: bool, enabled: bool = True):
+        self.enabled, self.last_accuracy, self.handle, self.writer = enabled, float("nan"), None, None
+        if not enabled:  # a data-parallel worker other than process 0
+            return
         self.path = out / "metrics.jsonl"
         kept = []
         if self.path.exists():
@@ -327,6 +370,8 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=keep_through + 1)
 
     def write(self, record: dict) -> dict:
+        if not self.enabled:
+            return record
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
         if "greedy_accuracy" in record:
@@ -338,6 +383,7 @@ class MetricsLog:
         return record
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
         if self.writer is not None:
             self.writer.close()
