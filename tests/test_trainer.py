@@ -114,3 +114,17 @@ def test_non_finite_teacher_skips_updates_then_stops_cleanly(models, tmp_path):
     start = load_file(str(models["student"]) + "/model.safetensors")
     saved = weights(tmp_path / "run" / "checkpoint-1")
     assert all(torch.equal(start[name], saved[name]) for name in start)
+
+
+def test_gradient_checkpointing_gives_the_same_weights_and_bfloat16_trains(models, tmp_path):
+    train(quick_config(models, tmp_path / "plain", steps=2, save_every=0, eval_every=0), progress=False)
+    train(quick_config(models, tmp_path / "checkpointed", steps=2, save_every=0, eval_every=0,
+                       gradient_checkpointing=True), progress=False)
+    plain, checkpointed = weights(tmp_path / "plain" / "final"), weights(tmp_path / "checkpointed" / "final")
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
+    train(quick_config(models, tmp_path / "bf16", steps=2, save_every=0, eval_every=0, dtype="bfloat16"),
+          progress=False)
+    records = metrics(tmp_path / "bf16")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records[1:])
+    assert weights(tmp_path / "bf16" / "final")["model.norm.weight"].dtype == torch.bfloat16

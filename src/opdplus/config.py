@@ -38,6 +38,11 @@ class TrainConfig:
     gamma: float = 0.0
     log_ratio_clip: float | None = 10.0  # clamp l = teacher - student; fkl / chi2 weights are unbounded
     center_weight: bool = False  # subtract w_f(1) from the opd+ weight: same expected gradient, less variance
+    # hardware
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "float32"  # student and local-teacher weights: float32 or bfloat16 (where the hardware has it)
+    teacher_device: str | None = None  # local teachers on another device (e.g. cuda:1); default: `device`
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     # rollouts: exact on-policy sampling unless the user changes it (then a warning)
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
@@ -98,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.long_prompts not in ("skip", "fail"):
             raise ValueError(f"long_prompts must be skip or fail, got {self.long_prompts!r}")
         if self.rollout_backend not in ("hf", "vllm"):
@@ -128,8 +135,18 @@ class TrainConfig:
             options = {key: value for key, value in entry.items() if key != "spec"}
             if entry["spec"].startswith(("http://", "https://")):
                 options.setdefault("api", self.teacher_api)
+            else:
+                options.setdefault("dtype", self.dtype)
+                options.setdefault("device", self.teacher_device or self.resolved_device())
             specs[str(name)] = (entry["spec"], options)
         return specs
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -57,7 +57,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     out = Path(config.out)
     check_run_directory(out, resume=config.resume, overwrite=config.overwrite)
     task = config.make_task()
-    student, tokenizer = load_model_and_tokenizer(config.student)
+    device, dtype = config.resolved_device(), getattr(torch, config.dtype)
+    student, tokenizer = load_model_and_tokenizer(config.student, dtype=dtype)
     teachers = TeacherRouter({name: get_teacher(spec, **options)
                               for name, (spec, options) in config.teacher_specs().items()})
     teachers.check_tokenizer(tokenizer)  # every token id the student emits must mean the same to each teacher
@@ -76,7 +77,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
     resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
     if resume_from is not None:  # weights through safetensors, exactly as saved
-        student = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32, use_safetensors=True)
+        student = AutoModelForCausalLM.from_pretrained(resume_from, dtype=dtype, use_safetensors=True)
+    student.to(device)
+    for module in student.modules():  # sampling, scoring and training must see one and the same policy
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if config.gradient_checkpointing:  # HF models checkpoint only in train mode, hence no dropout above
+        student.gradient_checkpointing_enable()
     # eval mode: no dropout, so the policy that samples is the policy that is scored and trained
     student.eval()
 
@@ -209,6 +216,16 @@ def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attent
     Seconds spent in the student's forward, backward and optimizer steps are added to `timings`."""
     timings = {} if timings is None else timings
     clock = Stopwatch(timings)
+    student.train(config.gradient_checkpointing)  # dropout is off: train mode only switches checkpointing on
+    try:
+        return _update(student, optimizer, scheduler, config, input_ids, attention_mask, prompt_length, mask,
+                       teacher_logprobs, clock)
+    finally:
+        student.eval()
+
+
+def _update(student, optimizer, scheduler, config, input_ids, attention_mask, prompt_length, mask,
+            teacher_logprobs, clock) -> tuple[dict, list[int], torch.Tensor]:
     rows = input_ids.shape[0]
     micro = config.micro_batch_size or rows
     # the token count of the whole step, over micro-batches and processes: neither changes the gradient
