@@ -39,6 +39,9 @@ def atomic_directory(final: Path, write) -> Path:
     """Call write(tmp_dir), fsync it, then rename it to `final` (replacing an older one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is as readable as any other output
     try:
         write(tmp)
         failpoint(f"write:{final.name}")

@@ -62,6 +62,10 @@ def _eval(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} exists; pick another file or pass --overwrite")
+    if out is not None:  # fail now, not after the whole evaluation
+        existing = next(parent for parent in [out.parent.absolute(), *out.parent.absolute().parents] if parent.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ValueError(f"--out {out}: {existing} is not a writable directory")
     summary = evaluate_model(args.model, task, examples, k=args.k, batch_size=args.batch_size, out=out,
                              progress=not args.no_progress)
     width = max(len(key) for key in summary)
@@ -128,7 +132,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 parser.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false")
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        if typing.get_origin(base) is dict:  # e.g. several teachers: only in a --config YAML file
+        if base is dict or typing.get_origin(base) is dict:  # several teachers: only in a --config YAML file
             continue
         parser.add_argument(flag, dest=field.name, type=_optional(base) if base is not kind else base, default=None,
                             metavar=field.name.upper(), help=f"default: {field.default}")
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()  # per-file loading bars drown the run's own progress
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError) as error:
         if getattr(args, "debug", False):
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

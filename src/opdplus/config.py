@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,12 @@ class TrainConfig:
             raise ValueError(f"long_prompts must be skip or fail, got {self.long_prompts!r}")
         if self.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"rollout_backend must be hf or vllm, got {self.rollout_backend!r}")
+        if self.rollout_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("rollout_backend vllm needs vLLM in this environment: pip install 'opdplus[vllm]'")
+        for name in ("device", "teacher_device"):
+            value = getattr(self, name)
+            if value not in (None, "auto") and not _device_available(value):
+                raise ValueError(f"{name} {value!r} is not available on this machine")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         self.teacher_specs()  # validates the teachers mapping
@@ -156,6 +163,21 @@ class TrainConfig:
         return [field.name for field in dataclasses.fields(cls)]
 
 
+def _device_available(name: str) -> bool:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    backend = getattr(torch, device.type, None)  # mps, xpu, ...
+    return bool(backend is not None and getattr(backend, "is_available", lambda: False)())
+
+
 def load_yaml_config(path: str | Path) -> dict:
     """Read a run config: a YAML mapping of TrainConfig fields. Unknown keys and wrong types are reported as
     `file:line: ...` so that a typo cannot silently fall back to a default."""
@@ -178,7 +200,12 @@ def load_yaml_config(path: str | Path) -> dict:
         key, line = key_node.value, key_node.start_mark.line + 1
         if key not in hints:
             raise ValueError(f"{path}:{line}: unknown key {key!r}; valid keys: {', '.join(hints)}")
-        value = yaml.safe_load(yaml.serialize(value_node))
+        if key in values:
+            raise ValueError(f"{path}:{line}: duplicate key {key!r}")
+        try:  # safe_load: tags such as !!python/object are refused, never constructed
+            value = yaml.safe_load(yaml.serialize(value_node))
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}:{line}: {key}: {getattr(error, 'problem', None) or error}") from None
         expected = tuple(t for t in (typing.get_args(hints[key]) or (hints[key],)))
         if float in expected and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

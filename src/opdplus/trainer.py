@@ -67,7 +67,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         warnings.warn("no --test-data: held-out evaluation is skipped", stacklevel=2)
     test_examples = task.examples("test", config.eval_examples, seed=0) if evaluates else []
     teachers.check_routes({example.teacher for example in task.examples("train", 256, seed=config.seed)})
-    if config.max_prompt_length and config.long_prompts == "fail":  # fail before anything is written
+    if config.max_prompt_length:  # too-long prompts fail (or leave nothing to train on) before anything is written
         candidates = task._load("train") if hasattr(task, "_load") else task.examples("train", 256, seed=config.seed)
         drop_long_prompts(candidates, tokenizer, config)
     rank, world_size = world()
@@ -76,6 +76,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         prepare_run_directory(out, overwrite=config.overwrite)
 
     resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
+    if config.resume and resume_from is None and main_process:
+        warnings.warn(f"--resume: no checkpoint in {out}, starting from step 0", stacklevel=2)
     if resume_from is not None:  # weights through safetensors, exactly as saved
         student = AutoModelForCausalLM.from_pretrained(resume_from, dtype=dtype, use_safetensors=True)
     student.to(device)
@@ -84,7 +86,6 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
             module.p = 0.0
     if config.gradient_checkpointing:  # HF models checkpoint only in train mode, hence no dropout above
         student.gradient_checkpointing_enable()
-    # eval mode: no dropout, so the policy that samples is the policy that is scored and trained
     student.eval()
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -111,8 +112,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         torch.manual_seed(config.seed * 1_000_003 + step + 7919 * rank)
         started = time.perf_counter()
 
-        # 1. rollouts from the current student
-        # the step's global batch, of which each process takes its own share
+        # 1. rollouts from the current student, on this process's share of the step's prompts
         examples = task.examples("train", config.prompts_per_step * world_size, seed=config.seed * 1_000_003 + step)
         examples = examples[rank * config.prompts_per_step : (rank + 1) * config.prompts_per_step]
         examples, skipped = drop_long_prompts(examples, tokenizer, config)

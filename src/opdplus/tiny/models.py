@@ -78,7 +78,10 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
 def _load(path: str, dtype: torch.dtype):
     # Only safetensors and only code shipped with transformers: loading a checkpoint never runs its code.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, TypeError) as error:  # e.g. no tokenizer files beside the weights
+        raise FileNotFoundError(f"cannot load the tokenizer of {path}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         # Many Hub tokenizers have no pad token. Reusing EOS is safe here because rollout
         # masks are computed from the first EOS, never from pad ids.
