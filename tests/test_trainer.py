@@ -128,3 +128,21 @@ def test_gradient_checkpointing_gives_the_same_weights_and_bfloat16_trains(model
     records = metrics(tmp_path / "bf16")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records[1:])
     assert weights(tmp_path / "bf16" / "final")["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_lora_trains_adapters_only_resumes_and_saves_a_merged_model(models, tmp_path):
+    pytest.importorskip("peft")
+    train(quick_config(models, tmp_path / "a", lora_r=4, save_every=2), progress=False)
+    saved = tmp_path / "a" / "checkpoint-2"
+    assert (saved / "adapter_model.safetensors").is_file() and not (saved / "model.safetensors").exists()
+    final = weights(tmp_path / "a" / "final")
+    start = load_file(str(models["student"]) + "/model.safetensors")
+    assert set(final) == set(start)  # merged back into the plain architecture
+    assert any(not torch.equal(start[name], final[name]) for name in start)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(saved, crashed / "checkpoint-2")
+    (crashed / "metrics.jsonl").write_text((tmp_path / "a" / "metrics.jsonl").read_text())
+    train(quick_config(models, crashed, lora_r=4, resume=True), progress=False)
+    resumed = weights(crashed / "final")
+    assert all(torch.equal(final[name], resumed[name]) for name in final)

@@ -44,6 +44,8 @@ class TrainConfig:
     dtype: str = "float32"  # student and local-teacher weights: float32 or bfloat16 (where the hardware has it)
     teacher_device: str | None = None  # local teachers on another device (e.g. cuda:1); default: `device`
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    lora_r: int = 0  # > 0: train LoRA adapters of this rank on every linear layer (peft) instead of all weights
+    lora_alpha: float = 16.0
     # rollouts: exact on-policy sampling unless the user changes it (then a warning)
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
@@ -87,7 +89,7 @@ class TrainConfig:
                      "max_bad_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps", "eval_k"):
+        for name in ("eval_every", "save_every", "warmup_steps", "eval_k", "lora_r"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "temperature"):
@@ -106,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.lora_r and importlib.util.find_spec("peft") is None:
+            raise ValueError("lora_r needs peft: pip install peft")
         if self.long_prompts not in ("skip", "fail"):
             raise ValueError(f"long_prompts must be skip or fail, got {self.long_prompts!r}")
         if self.rollout_backend not in ("hf", "vllm"):

@@ -78,8 +78,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
     if config.resume and resume_from is None and main_process:
         warnings.warn(f"--resume: no checkpoint in {out}, starting from step 0", stacklevel=2)
-    if resume_from is not None:  # weights through safetensors, exactly as saved
+    if resume_from is not None and not config.lora_r:  # weights through safetensors, exactly as saved
         student = AutoModelForCausalLM.from_pretrained(resume_from, dtype=dtype, use_safetensors=True)
+    if config.lora_r:
+        student = with_lora(student, config, resume_from)
     student.to(device)
     for module in student.modules():  # sampling, scoring and training must see one and the same policy
         if isinstance(module, torch.nn.Dropout):
@@ -88,7 +90,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         student.gradient_checkpointing_enable()
     student.eval()
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     start_step = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
     if main_process:
@@ -184,10 +187,22 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
     log.close()
     teachers.close()
-    if main_process:
-        atomic_directory(out / "final", lambda d: (student.save_pretrained(d, safe_serialization=True),
+    if main_process:  # a plain Hugging Face model directory; LoRA adapters are merged into the weights
+        final_model = student.merge_and_unload() if config.lora_r else student
+        atomic_directory(out / "final", lambda d: (final_model.save_pretrained(d, safe_serialization=True),
                                                   tokenizer.save_pretrained(d)))
     return last
+
+
+def with_lora(student, config: TrainConfig, resume_from: Path | None):
+    """Wrap the student with LoRA adapters on every linear layer (fresh, or the checkpoint's when resuming);
+    only the adapters train. Checkpoints then hold the adapters, `final/` the merged model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if resume_from is not None:
+        return PeftModel.from_pretrained(student, resume_from, is_trainable=True)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+    return get_peft_model(student, lora)
 
 
 def drop_long_prompts(examples: list, tokenizer, config: TrainConfig) -> tuple[list, int]:
