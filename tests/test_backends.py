@@ -13,9 +13,9 @@ from opdplus.backends import (
     HFBackend,
     RolloutBackend,
     VLLMBackend,
-    encode_prompts,
     get_backend,
 )
+from opdplus.rollout import encode_prompts
 from opdplus.tiny.tokenizer import build_char_tokenizer
 
 PROMPTS = ["1+1=", "12*34="]

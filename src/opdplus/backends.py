@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from opdplus.rollout import Rollouts, eos_token_ids, left_pad, mask_through_first_eos, render_prompt, sample
+from opdplus.rollout import Rollouts, encode_prompts, eos_token_ids, left_pad, mask_through_first_eos, sample
 
 
 @runtime_checkable
@@ -28,16 +28,6 @@ class RolloutBackend(Protocol):
     def sync_weights(self, model) -> None:
         """Make the next `generate` sample from `model`'s current weights (call after each optimizer step)."""
         ...
-
-
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int | None = None) -> list[list[int]]:
-    """Token ids of each rendered prompt, exactly as `opdplus.rollout.sample` makes them (the rendered template
-    already holds any BOS or markers, so no special tokens are added; truncation keeps the end)."""
-    texts = [render_prompt(tokenizer, prompt) for prompt in prompts]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if max_prompt_length is not None:
-        encoded = [ids[-max_prompt_length:] for ids in encoded]
-    return encoded
 
 
 class HFBackend:

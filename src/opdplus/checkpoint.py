@@ -28,11 +28,7 @@ def failpoint(name: str) -> None:
 
 def _fsync_tree(directory: Path) -> None:
     for path in sorted(directory.rglob("*")) + [directory]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _fsync_path(path)
 
 
 def atomic_directory(final: Path, write) -> Path:
@@ -49,15 +45,16 @@ def atomic_directory(final: Path, write) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        _fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entry list is what makes a rename durable)."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

@@ -72,6 +72,16 @@ def render_prompt(tokenizer, prompt) -> str:
     return "\n".join(lines + ["assistant:"])
 
 
+def encode_prompts(tokenizer, prompts: list, max_prompt_length: int | None = None) -> list[list[int]]:
+    """Token ids of each rendered prompt. The rendered template already holds any BOS or markers, so no
+    special tokens are added; truncation keeps the end, next to the response."""
+    texts = [render_prompt(tokenizer, prompt) for prompt in prompts]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_prompt_length is not None:
+        encoded = [ids[-max_prompt_length:] for ids in encoded]
+    return encoded
+
+
 def _plain_tools(tools: list[dict]) -> str:
     from opdplus.tasks.tooluse import format_tools_plain
 
@@ -140,11 +150,8 @@ def sample(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
     prompt_index = [i for i in range(len(prompts)) for _ in range(num_samples)]
-    texts = [render_prompt(tokenizer, prompts[i]) for i in prompt_index]
-    # The rendered template already holds any BOS/markers, so add no special tokens here.
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if max_prompt_length is not None:
-        encoded = [tokens[-max_prompt_length:] for tokens in encoded]
+    unique = encode_prompts(tokenizer, prompts, max_prompt_length)  # each prompt rendered once
+    encoded = [unique[i] for i in prompt_index]
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(encoded, pad_id))
 

@@ -40,7 +40,7 @@ from opdplus.logprobs import token_logprobs
 from opdplus.advantages import token_advantages
 from opdplus.divergences import get_divergence
 from opdplus.losses import opd_loss
-from opdplus.rollout import evaluate, render_prompt, sample
+from opdplus.rollout import encode_prompts, evaluate, sample
 from opdplus.tasks import DATA_TASKS
 from opdplus.teachers import get_teacher
 from opdplus.teachers.routing import TeacherRouter
@@ -211,8 +211,8 @@ def drop_long_prompts(examples: list, tokenizer, config: TrainConfig) -> tuple[l
     if not config.max_prompt_length:
         return examples, 0
     kept = []
-    for example in examples:
-        length = len(tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"])
+    for example, ids in zip(examples, encode_prompts(tokenizer, examples)):
+        length = len(ids)
         if length <= config.max_prompt_length:
             kept.append(example)
         elif config.long_prompts == "fail":
