@@ -160,7 +160,7 @@ def assets(models, tmp_path_factory):
     # rendered prompt lengths of the GSM8K fixture (for --max-prompt-length)
     tokenizer = AutoTokenizer.from_pretrained(a.student)
     a.prompt_lengths = sorted(len(tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"])
-                              for example in get_task("math", data=str(a.good))._load("train"))
+                              for example in get_task("math", data=str(a.good)).load("train"))
     return a
 
 

@@ -58,6 +58,11 @@ def _eval(args: argparse.Namespace) -> None:
 
     task = get_task(args.task, test_data=args.data, question_field=args.question_field,
                     answer_field=args.answer_field, max_new_tokens=args.max_new_tokens)
+    if args.tools:
+        from opdplus.tasks.withtools import WithTools
+        from opdplus.tools import load_tools
+
+        task = WithTools(task, load_tools(args.tools), args.max_tool_turns)
     examples = task.examples("test", args.limit, seed=args.seed) if args.limit else _all_test_examples(task, args)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
@@ -78,8 +83,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _all_test_examples(task, args) -> list:
     """Every record of a data file once, in file order; the built-in tasks draw `--limit` (default 500)."""
-    if hasattr(task, "_load"):
-        return list(task._load("test"))
+    if hasattr(task, "load"):
+        return list(task.load("test"))
     return task.examples("test", 500, seed=args.seed)
 
 
@@ -180,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="evaluation data for math / tooluse (JSONL, JSON or Parquet)")
     evaluate.add_argument("--question-field", default="question")
     evaluate.add_argument("--answer-field", default="answer")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="per assistant turn")
+    evaluate.add_argument("--tools", help="tools the model may call: a built-in set (arithmetic) or module:attribute")
+    evaluate.add_argument("--max-tool-turns", type=int, default=4)
     evaluate.add_argument("--k", type=int, default=0, help="also sample k responses per prompt: avg@k, pass@k")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate this many examples (default: all)")
     evaluate.add_argument("--batch-size", type=int, default=64)

@@ -33,6 +33,10 @@ class TrainConfig:
     question_field: str = "question"
     answer_field: str = "answer"
     teacher_field: str = "teacher"  # with several teachers: the record field that names each example's teacher
+    # multi-turn tool use: a built-in tool set ("arithmetic") or module:attribute naming a list of the user's
+    # typed, documented functions; tool results are appended as tool messages and masked out of the loss
+    tools: str | None = None
+    max_tool_turns: int = 4  # assistant turns per rollout (max_new_tokens is per turn)
     # the estimator
     divergence: str = "rkl"
     estimator: str = "opd+"
@@ -86,7 +90,7 @@ class TrainConfig:
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         for name in ("prompts_per_step", "samples_per_prompt", "steps", "ppo_epochs", "eval_examples", "keep_last",
-                     "max_bad_steps"):
+                     "max_bad_steps", "max_tool_turns"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "warmup_steps", "eval_k", "lora_r"):
@@ -114,6 +118,12 @@ class TrainConfig:
             raise ValueError(f"long_prompts must be skip or fail, got {self.long_prompts!r}")
         if self.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"rollout_backend must be hf or vllm, got {self.rollout_backend!r}")
+        if self.tools and self.rollout_backend != "hf":
+            raise ValueError("tools: multi-turn tool rollouts run on the hf rollout backend only")
+        if self.tools:
+            from opdplus.tools import load_tools
+
+            load_tools(self.tools)
         if self.rollout_backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError("rollout_backend vllm needs vLLM in this environment: pip install 'opdplus[vllm]'")
         for name in ("device", "teacher_device"):
@@ -130,9 +140,15 @@ class TrainConfig:
     def make_task(self):
         from opdplus.tasks import get_task
 
-        return get_task(self.task, data=self.data, test_data=self.test_data, question_field=self.question_field,
+        task = get_task(self.task, data=self.data, test_data=self.test_data, question_field=self.question_field,
                         answer_field=self.answer_field, teacher_field=self.teacher_field,
                         max_new_tokens=self.max_new_tokens)
+        if self.tools:
+            from opdplus.tasks.withtools import WithTools
+            from opdplus.tools import load_tools
+
+            task = WithTools(task, load_tools(self.tools), self.max_tool_turns)
+        return task
 
     def teacher_specs(self) -> dict[str, tuple[str, dict]]:
         """name -> (spec, get_teacher options); "default" is `teacher`, for examples that name none."""

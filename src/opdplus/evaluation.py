@@ -9,9 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from opdplus.checkpoint import atomic_write_text
-from opdplus.rollout import render_prompt, sample
+from opdplus.rollout import render_prompt
 from opdplus.tasks.math import avg_at_k, pass_at_k
 from opdplus.tiny.models import load_model_and_tokenizer
+from opdplus.toolloop import sample_for_task
 
 
 @torch.no_grad()
@@ -23,11 +24,14 @@ def evaluate_model(model_spec: str, task, examples: list, *, k: int = 0, batch_s
     rows = []
     for begin in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, dynamic_ncols=True):
         batch = examples[begin : begin + batch_size]
-        greedy = sample(model, tokenizer, batch, max_new_tokens=task.max_new_tokens, greedy=True)
-        sampled = sample(model, tokenizer, batch, num_samples=k, max_new_tokens=task.max_new_tokens) if k else None
+        greedy = sample_for_task(model, tokenizer, task, batch, max_new_tokens=task.max_new_tokens, greedy=True)
+        sampled = (sample_for_task(model, tokenizer, task, batch, num_samples=k, max_new_tokens=task.max_new_tokens)
+                   if k else None)
         for i, example in enumerate(batch):
             row = {"prompt": render_prompt(tokenizer, example), "output": greedy.completions[i],
                    "correct": task.verify(greedy.completions[i], example)}
+            if greedy.transcripts is not None:  # multi-turn: every assistant turn and tool result
+                row["transcript"] = greedy.transcripts[i]
             if sampled is not None:
                 outputs = sampled.completions[i * k : (i + 1) * k]
                 row["samples"] = outputs

@@ -17,11 +17,14 @@ import torch
 @dataclass
 class Rollouts:
     input_ids: torch.LongTensor  # [N, P+T] prompts left-padded to P, responses right-padded to T with pad id
-    attention_mask: torch.LongTensor  # [N, P+T] 1 on real prompt tokens and response tokens up to and incl. the first EOS
+    attention_mask: torch.LongTensor  # [N, P+T] 1 on real tokens: the prompt, then the response through its end
     prompt_length: int  # P
-    response_mask: torch.BoolTensor  # [N, T] response tokens up to and including the first EOS
-    completions: list[str]  # decoded responses, without special tokens
+    # [N, T] the tokens the model sampled, through the first EOS: the loss mask. In a multi-turn rollout the
+    # response also holds tool results (attention 1, response_mask 0): scored in context, never trained on.
+    response_mask: torch.BoolTensor
+    completions: list[str]  # decoded responses without special tokens (multi-turn: the last assistant turn)
     prompt_index: list[int]  # which prompt each row came from
+    transcripts: list[list[dict]] | None = None  # multi-turn: each row's assistant and tool messages
 
     @property
     def response_ids(self) -> torch.LongTensor:
@@ -53,23 +56,39 @@ def render_prompt(tokenizer, prompt) -> str:
 
     and a single user prompt without tools is passed unchanged, for the model to continue.
     """
+    messages, tools = conversation(prompt)
+    return render_conversation(tokenizer, messages, tools)
+
+
+def conversation(prompt) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) of a prompt: a string is one user turn."""
     if isinstance(prompt, str):
-        messages, tools = [{"role": "user", "content": prompt}], None
-    else:
-        messages = [dict(m) for m in prompt.messages] if prompt.messages else [{"role": "user", "content": prompt.prompt}]
-        tools = [dict(tool) for tool in prompt.tools] if prompt.tools else None
+        return [{"role": "user", "content": prompt}], None
+    messages = [dict(m) for m in prompt.messages] if prompt.messages else [{"role": "user", "content": prompt.prompt}]
+    return messages, [dict(tool) for tool in prompt.tools] if prompt.tools else None
+
+
+def render_conversation(tokenizer, messages: list[dict], tools: list[dict] | None, *,
+                        add_generation_prompt: bool = True) -> str:
+    """`render_prompt` for explicit messages; multi-turn rollouts render the conversation so far with it."""
     template = getattr(tokenizer, "chat_template", None)
     if template:
+        options = {"add_generation_prompt": add_generation_prompt, "tokenize": False}
         if tools and "tools" in template:
-            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        if tools:
+            options["tools"] = tools
+        elif tools:
             messages = [{"role": "system", "content": _plain_tools(tools)}, *messages]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if tools is None and len(messages) == 1:
+        try:
+            return tokenizer.apply_chat_template(messages, **options)
+        except Exception as error:  # jinja's TemplateError and friends: say which conversation failed
+            roles = ",".join(message.get("role", "?") for message in messages)
+            raise ValueError(f"the tokenizer's chat template cannot render this conversation (roles {roles}"
+                             f"{', with tools' if tools else ''}): {error}") from None
+    if tools is None and len(messages) == 1 and add_generation_prompt:
         return messages[0]["content"]
     lines = [_plain_tools(tools), ""] if tools else []
     lines += [f"{message['role']}: {message['content']}" for message in messages]
-    return "\n".join(lines + ["assistant:"])
+    return "\n".join(lines + (["assistant:"] if add_generation_prompt else []))
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int | None = None) -> list[list[int]]:
@@ -139,26 +158,51 @@ def sample(
 
     `max_prompt_length` truncates prompts on the left, keeping the end next to the response.
     """
-    top_k = top_k or 0  # None would let generate() fall back to its default top_k=50
-    if not greedy and (temperature != 1.0 or top_k != 0 or top_p < 1.0):
+    warn_if_off_policy(greedy, temperature, top_k, top_p)
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = pad_token_id(tokenizer, eos_ids)
+    prompt_index = [i for i in range(len(prompts)) for _ in range(num_samples)]
+    unique = encode_prompts(tokenizer, prompts, max_prompt_length)  # each prompt rendered once
+    prompt_ids, prompt_mask, response_ids, response_mask = generate_responses(
+        model, [unique[i] for i in prompt_index], max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+        greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    completions = [
+        tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(response_ids.cpu(), response_mask.cpu())
+    ]
+    return Rollouts(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        prompt_length=prompt_ids.shape[1],
+        response_mask=response_mask,
+        completions=completions,
+        prompt_index=prompt_index,
+    )
+
+
+def warn_if_off_policy(greedy: bool, temperature: float, top_k: int | None, top_p: float) -> None:
+    if not greedy and (temperature != 1.0 or (top_k or 0) != 0 or top_p < 1.0):
         warnings.warn(
             f"sampling with temperature={temperature}, top_k={top_k}, top_p={top_p}: "
             "samples are then not from p_θ, so on-policy estimates are biased",
-            stacklevel=2,
+            stacklevel=3,
         )
-    eos_ids = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
-    prompt_index = [i for i in range(len(prompts)) for _ in range(num_samples)]
-    unique = encode_prompts(tokenizer, prompts, max_prompt_length)  # each prompt rendered once
-    encoded = [unique[i] for i in prompt_index]
+
+def pad_token_id(tokenizer, eos_ids: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
+def generate_responses(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad_id: int,
+                       greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """One response per token-id prompt: (prompt_ids [N, P] left-padded, prompt_mask [N, P],
+    response_ids [N, T] pad after the first EOS, response_mask [N, T] through the first EOS)."""
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(encoded, pad_id))
-
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     if greedy:
         sampling = {"do_sample": False}
     else:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        # top_k None would let generate() fall back to its default top_k=50
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p}
     with eval_mode(model):
         output = model.generate(
             input_ids=prompt_ids,
@@ -168,42 +212,32 @@ def sample(
             eos_token_id=eos_ids,
             **sampling,
         )
-
     # (generate runs under no_grad itself; the mask arithmetic below needs no graph either.)
-    prompt_length = prompt_ids.shape[1]
-    response_ids = output[:, prompt_length:]
+    response_ids = output[:, prompt_ids.shape[1] :]
     response_mask = mask_through_first_eos(response_ids, eos_ids)
     response_ids = response_ids.masked_fill(~response_mask, pad_id)  # generate pads finished rows; make it explicit
-    completions = [
-        tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(response_ids.cpu(), response_mask.cpu())
-    ]
-    return Rollouts(
-        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
-        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-        prompt_length=prompt_length,
-        response_mask=response_mask,
-        completions=completions,
-        prompt_index=prompt_index,
-    )
+    return prompt_ids, prompt_mask, response_ids, response_mask
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task, examples, *, k: int = 0, batch_size: int = 256) -> dict:
     """Greedy accuracy, and avg@k (mean correctness of k temperature-1 samples per prompt) if k > 0."""
+    from opdplus.toolloop import sample_for_task  # multi-turn rollouts build on this module
+
     with eval_mode(model):
         greedy_correct, sampled_correct = [], []
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             prompts = list(batch)
-            rollouts = sample(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, greedy=True)
+            rollouts = sample_for_task(model, tokenizer, task, prompts, max_new_tokens=task.max_new_tokens, greedy=True)
             greedy_correct += [task.verify(c, batch[i]) for c, i in zip(rollouts.completions, rollouts.prompt_index)]
             if k > 0:
                 # Chunk so that batch_size bounds the number of rows generated at once.
                 per_chunk = max(1, batch_size // k)
                 for chunk_start in range(0, len(batch), per_chunk):
                     chunk = batch[chunk_start : chunk_start + per_chunk]
-                    rollouts = sample(
-                        model, tokenizer, list(chunk), num_samples=k, max_new_tokens=task.max_new_tokens
+                    rollouts = sample_for_task(
+                        model, tokenizer, task, list(chunk), num_samples=k, max_new_tokens=task.max_new_tokens
                     )
                     sampled_correct += [task.verify(c, chunk[i]) for c, i in zip(rollouts.completions, rollouts.prompt_index)]
     return {

@@ -40,11 +40,12 @@ from opdplus.logprobs import token_logprobs
 from opdplus.advantages import token_advantages
 from opdplus.divergences import get_divergence
 from opdplus.losses import opd_loss
-from opdplus.rollout import encode_prompts, evaluate, sample
+from opdplus.rollout import encode_prompts, evaluate
 from opdplus.tasks import DATA_TASKS
 from opdplus.teachers import get_teacher
 from opdplus.teachers.routing import TeacherRouter
 from opdplus.tiny.models import load_model_and_tokenizer
+from opdplus.toolloop import sample_for_task
 
 
 class NonFiniteRunError(RuntimeError):
@@ -68,7 +69,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     test_examples = task.examples("test", config.eval_examples, seed=0) if evaluates else []
     teachers.check_routes({example.teacher for example in task.examples("train", 256, seed=config.seed)})
     if config.max_prompt_length:  # too-long prompts fail (or leave nothing to train on) before anything is written
-        candidates = task._load("train") if hasattr(task, "_load") else task.examples("train", 256, seed=config.seed)
+        candidates = task.load("train") if hasattr(task, "load") else task.examples("train", 256, seed=config.seed)
         drop_long_prompts(candidates, tokenizer, config)
     rank, world_size = world()
     main_process = rank == 0  # under `accelerate launch`: only process 0 writes, evaluates and logs
@@ -121,9 +122,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         examples, skipped = drop_long_prompts(examples, tokenizer, config)
         long_prompts_skipped += skipped
         if backend is None:
-            rollouts = sample(student, tokenizer, examples,
-                              num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
-                              temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+            rollouts = sample_for_task(student, tokenizer, task, examples,
+                                       num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
+                                       temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
         else:  # an inference engine with its own copy of the weights, synced after every update
             rollouts = backend.generate(examples, num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens)
         failpoint(f"rollout:{step}")

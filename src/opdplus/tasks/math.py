@@ -161,7 +161,7 @@ class MathTask:
         self.teacher_field = teacher_field  # a record field naming its teacher, when several are configured
         self._examples: dict[str, list[Example]] = {}
 
-    def _load(self, split: str) -> list[Example]:
+    def load(self, split: str) -> list[Example]:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if self.paths[split] is None:
@@ -183,7 +183,7 @@ class MathTask:
                        teacher=None if teacher is None else str(teacher))
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        return sample_cycled(self._load(split), n, seed=f"{self.name}/{split}/{seed}")
+        return sample_cycled(self.load(split), n, seed=f"{self.name}/{split}/{seed}")
 
     def verify(self, completion: str, example: Example) -> bool:
         return is_correct(completion, example.reference)

@@ -371,7 +371,7 @@ class ToolUseTask:
         self.max_new_tokens = max_new_tokens
         self._examples: dict[str, list[Example]] = {}
 
-    def _load(self, split: str) -> list[Example]:
+    def load(self, split: str) -> list[Example]:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not self.paths[split]:
@@ -386,7 +386,7 @@ class ToolUseTask:
         return self._examples[split]
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        return sample_cycled(self._load(split), n, seed=f"{self.name}/{split}/{seed}")
+        return sample_cycled(self.load(split), n, seed=f"{self.name}/{split}/{seed}")
 
     def verify(self, completion: str, example: Example) -> bool:
         return check_calls(completion, example.reference["functions"], example.reference["ground_truth"])

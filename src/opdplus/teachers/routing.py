@@ -16,13 +16,14 @@ DEFAULT = "default"
 
 
 def response_sequences(input_ids, attention_mask, response_mask) -> tuple[list[list[int]], list[int]]:
-    """Each row's real tokens (prompt without its left padding, then the response through its first EOS) and
-    the index where the response starts."""
+    """Each row's real tokens (the prompt without its left padding, then the response: the sampled tokens and,
+    in a multi-turn rollout, the tool results between them) and the index where the response starts."""
+    width = response_mask.shape[1]  # the response region is the last `width` columns
     sequences, starts = [], []
-    for ids, keep, response in zip(input_ids, attention_mask, response_mask):
+    for ids, keep in zip(input_ids, attention_mask):
         tokens = ids[keep.bool()].tolist()
         sequences.append(tokens)
-        starts.append(len(tokens) - int(response.sum()))
+        starts.append(len(tokens) - int(keep[-width:].sum()))
     return sequences, starts
 
 
@@ -46,7 +47,8 @@ class TeacherRouter:
             teacher.check_tokenizer(tokenizer)
 
     def score(self, input_ids, attention_mask, response_mask, routes: list[str | None]) -> torch.Tensor:
-        """Teacher log-probs of exactly the sampled response tokens: float32 [N, T], 0 after each row's EOS."""
+        """Teacher log-probs of exactly the response's token ids: float32 [N, T], 0 after each row's end (tool
+        results are scored too, in place; the loss masks them out)."""
         sequences, starts = response_sequences(input_ids, attention_mask, response_mask)
         groups: dict[str, list[int]] = {}
         for row, name in enumerate(routes):
