@@ -15,7 +15,7 @@ from opdplus.backends import (
     VLLMBackend,
     get_backend,
 )
-from opdplus.rollout import encode_prompts
+from opdplus.rollout import encode_prompts, sample
 from opdplus.tiny.tokenizer import build_char_tokenizer
 
 PROMPTS = ["1+1=", "12*34="]
@@ -68,16 +68,12 @@ def test_hf_backend_samples_exactly_on_policy(student):
     backend = HFBackend(student, tokenizer)
     assert isinstance(backend, RolloutBackend)
     calls = []
-    generate = student.generate
-
-    def recording_generate(**kwargs):
-        calls.append(kwargs)
-        return generate(**kwargs)
-
-    student.generate = recording_generate
+    student.generate = lambda **kwargs: calls.append(kwargs)  # exact sampling must not go through generate()
+    torch.manual_seed(0)
     rollouts = backend.generate(PROMPTS, num_samples=3, max_new_tokens=5)
-    assert calls and {key: calls[0][key] for key in ("do_sample", "temperature", "top_k", "top_p")} == {
-        "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert calls == []
+    torch.manual_seed(0)  # the very samples of the exact loop (opdplus.sampler)
+    assert torch.equal(rollouts.input_ids, sample(student, tokenizer, PROMPTS, num_samples=3, max_new_tokens=5).input_ids)
     prompt_length = max(len(ids) for ids in encode_prompts(tokenizer, PROMPTS))
     assert rollouts.prompt_length == prompt_length
     rows, width = rollouts.response_mask.shape

@@ -106,25 +106,38 @@ def logits_processors(model, generate_kwargs):
     return list(model._get_logits_processor(generation_config))
 
 
-def test_sampling_passes_neutral_parameters_to_generate(monkeypatch):
+def test_exact_sampling_runs_the_lean_loop_not_generate(monkeypatch):
+    """generate() is not even called for exact (or greedy) sampling, so none of its defaults can apply."""
     tokenizer = build_char_tokenizer()
     model = random_model(tokenizer)
     captured = capture_generate_kwargs(model, monkeypatch)
     sample(model, tokenizer, PROMPTS, max_new_tokens=4)
+    sample(model, tokenizer, PROMPTS, max_new_tokens=4, greedy=True)
+    assert captured == {}
+
+
+def test_modified_sampling_passes_every_parameter_to_generate(monkeypatch):
+    tokenizer = build_char_tokenizer()
+    model = random_model(tokenizer)
+    captured = capture_generate_kwargs(model, monkeypatch)
+    with pytest.warns(UserWarning, match="not from p_θ"):
+        sample(model, tokenizer, PROMPTS, max_new_tokens=4, top_p=0.9)
     assert captured["do_sample"] is True
-    assert (captured["top_k"], captured["top_p"], captured["temperature"]) == (0, 1.0, 1.0)
-    warpers = (TopKLogitsWarper, TopPLogitsWarper, TemperatureLogitsWarper)
-    assert not [p for p in logits_processors(model, captured) if isinstance(p, warpers)]
-    # Sanity check of the check: generate's own default would have added top-k=50.
+    assert (captured["top_k"], captured["top_p"], captured["temperature"]) == (0, 0.9, 1.0)
+    processors = logits_processors(model, captured)
+    assert [type(p) for p in processors if isinstance(p, (TopKLogitsWarper, TopPLogitsWarper))] == [TopPLogitsWarper]
+    assert not [p for p in processors if isinstance(p, TemperatureLogitsWarper)]
+    # Sanity check of the check: transformers 5.x's own default would have added top-k=50.
     defaults = {k: v for k, v in captured.items() if k not in ("top_k", "top_p", "temperature")}
-    assert any(isinstance(p, TopKLogitsWarper) for p in logits_processors(model, defaults))
+    assert any(isinstance(p, TopKLogitsWarper) and p.top_k == 50 for p in logits_processors(model, defaults))
 
 
 def test_top_k_none_does_not_fall_back_to_generate_default(monkeypatch):
     tokenizer = build_char_tokenizer()
     model = random_model(tokenizer)
     captured = capture_generate_kwargs(model, monkeypatch)
-    sample(model, tokenizer, PROMPTS, max_new_tokens=2, top_k=None)
+    with pytest.warns(UserWarning, match="not from p_θ"):
+        sample(model, tokenizer, PROMPTS, max_new_tokens=2, top_k=None, temperature=0.7)
     assert captured["top_k"] == 0
 
 

@@ -1,10 +1,11 @@
-"""Sampling responses from a policy with HF `generate` (KV cache), plus evaluation.
+"""Sampling responses from a policy, plus evaluation.
 
 On-policy distillation needs samples y ~ p_θ(·|x) from the *unmodified* policy: any
 temperature, top-k or top-p changes the sampling distribution, and the advantages
-computed from those samples would then be for a different distribution. `generate`
-silently applies top_k=50 when do_sample=True unless told otherwise, so `sample`
-always passes the sampling parameters explicitly.
+computed from those samples would then be for a different distribution. Exact sampling
+(and greedy decoding) runs opdplus.sampler's KV-cache loop, which has no such options at all.
+Only when a user asks for a modified distribution does HF `generate` run, and then with
+every sampling parameter passed explicitly: it silently applies top_k=50 otherwise.
 """
 
 import warnings
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from opdplus.sampler import generate as exact_generate
 
 
 @dataclass
@@ -198,20 +201,14 @@ def generate_responses(model, prompts: list[list[int]], *, max_new_tokens: int, 
     response_ids [N, T] pad after the first EOS, response_mask [N, T] through the first EOS)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    if greedy:
-        sampling = {"do_sample": False}
-    else:
-        # top_k None would let generate() fall back to its default top_k=50
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p}
     with eval_mode(model):
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            **sampling,
-        )
+        if greedy or (temperature == 1.0 and not top_k and top_p >= 1.0):  # exact p_θ: our lean KV-cache loop
+            output = exact_generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                    pad_id=pad_id, greedy=greedy)
+        else:  # the user asked for a modified distribution: HF's logits processors provide it
+            output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                                    pad_token_id=pad_id, eos_token_id=eos_ids, do_sample=True,
+                                    temperature=temperature, top_k=top_k or 0, top_p=top_p)
     # (generate runs under no_grad itself; the mask arithmetic below needs no graph either.)
     response_ids = output[:, prompt_ids.shape[1] :]
     response_mask = mask_through_first_eos(response_ids, eos_ids)
