@@ -440,6 +440,15 @@ CASES = [
          expect=("every prompt of the batch exceeds max_prompt_length=5",)),
 
     # -- config values
+    Case("config/tools-unknown-set", train("--tools", "calculator"), expect=("tools: 'calculator' is neither a built-in set",)),
+    Case("config/tools-missing-attribute", train("--tools", "opdplus.tools:nothing"),
+         expect=("tools: cannot load 'opdplus.tools:nothing'",)),
+    Case("config/tools-with-vllm-backend", train("--tools", "arithmetic", "--rollout-backend", "vllm"),
+         expect=("multi-turn tool rollouts run on the hf rollout backend only",)),
+    Case("config/max-tool-turns-zero", train("--tools", "arithmetic", "--max-tool-turns", "0"),
+         expect=("max_tool_turns must be a positive integer, got 0",)),
+    Case("config/tools-template-without-tool-role", evaluate("--tools", "arithmetic", "--limit", "2", task="arith"),
+         expect=("chat template cannot render this conversation (roles system,user, with tools)",)),
     Case("config/lr-zero", train("--lr", "0"), expect=("lr must be positive, got 0.0",)),
     Case("config/lr-negative", train("--lr=-1e-3"), expect=("lr must be positive",)),
     Case("config/lr-nan", train("--lr", "nan"), expect=("lr must be positive, got nan",)),
