@@ -18,7 +18,15 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from opdplus.rollout import Rollouts, encode_prompts, eos_token_ids, left_pad, mask_through_first_eos, sample
+from opdplus.rollout import (
+    Rollouts,
+    encode_prompts,
+    eos_token_ids,
+    left_pad,
+    mask_through_first_eos,
+    right_pad,
+    sample,
+)
 
 
 @runtime_checkable
@@ -128,32 +136,19 @@ class VLLMBackend:
                 prompt_index.append(index)
 
         prompt_ids, prompt_mask = left_pad(prompt_rows, self.pad_id)
-        width = max(1, max(len(tokens) for tokens in responses))
-        response_ids = torch.full((len(responses), width), self.pad_id, dtype=torch.long)
-        for row, tokens in enumerate(responses):
-            response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        response_ids, generated = right_pad(responses, self.pad_id, max(1, max(len(tokens) for tokens in responses)))
         # padding may be the EOS id itself, so the generated length bounds the mask as well as the first EOS
-        generated = torch.arange(width)[None, :] < torch.tensor([len(tokens) for tokens in responses])[:, None]
-        response_mask = mask_through_first_eos(response_ids, self.eos_ids) & generated
+        response_mask = mask_through_first_eos(response_ids, self.eos_ids) & generated.bool()
         response_ids = response_ids.masked_fill(~response_mask, self.pad_id)
 
         sampling_logprobs = None
         if all(row is not None for row in logprobs):
-            sampling_logprobs = torch.zeros((len(responses), width), dtype=torch.float32)
+            sampling_logprobs = torch.zeros(response_ids.shape, dtype=torch.float32)
             for row, values in enumerate(logprobs):
                 sampling_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
             sampling_logprobs = sampling_logprobs.masked_fill(~response_mask, 0.0)
-        completions = [self.tokenizer.decode(row[keep], skip_special_tokens=True)
-                       for row, keep in zip(response_ids, response_mask)]
-        return VLLMRollouts(
-            input_ids=torch.cat([prompt_ids, response_ids], dim=1),
-            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-            prompt_length=prompt_ids.shape[1],
-            response_mask=response_mask,
-            completions=completions,
-            prompt_index=prompt_index,
-            sampling_logprobs=sampling_logprobs,
-        )
+        return VLLMRollouts.single_turn(self.tokenizer, prompt_ids, prompt_mask, response_ids, response_mask,
+                                        prompt_index, sampling_logprobs=sampling_logprobs)
 
     def sync_weights(self, model) -> None:
         """Load `model`'s current tensors into the engine, then drop its prefix cache (KV computed with the old

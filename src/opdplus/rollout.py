@@ -33,6 +33,16 @@ class Rollouts:
     def response_ids(self) -> torch.LongTensor:
         return self.input_ids[:, self.prompt_length :]
 
+    @classmethod
+    def single_turn(cls, tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, **extra):
+        """One sampled response per row: attention over the prompt and the response through its first EOS."""
+        completions = [tokenizer.decode(row[keep], skip_special_tokens=True)
+                       for row, keep in zip(response_ids.cpu(), response_mask.cpu())]
+        return cls(input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+                   attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+                   prompt_length=prompt_ids.shape[1], response_mask=response_mask, completions=completions,
+                   prompt_index=prompt_index, **extra)
+
 
 @contextmanager
 def eval_mode(model):
@@ -124,13 +134,23 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists to a common length: generation continues from the last column."""
-    length = max(len(s) for s in sequences)
+    return _pad(sequences, pad_id, max(len(s) for s in sequences), left=True)
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to `width` (default: the longest): responses start right after their prompts."""
+    return _pad(sequences, pad_id, max(len(s) for s in sequences) if width is None else width, left=False)
+
+
+def _pad(sequences: list[list[int]], pad_id: int, length: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, length] filled with pad_id, mask [N, length] 1 on the real tokens)."""
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, tokens in enumerate(sequences):
         if tokens:
-            input_ids[row, length - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            attention_mask[row, length - len(tokens) :] = 1
+            where = slice(length - len(tokens), length) if left else slice(0, len(tokens))
+            input_ids[row, where] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, where] = 1
     return input_ids, attention_mask
 
 
@@ -169,17 +189,7 @@ def sample(
     prompt_ids, prompt_mask, response_ids, response_mask = generate_responses(
         model, [unique[i] for i in prompt_index], max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
         greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
-    completions = [
-        tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(response_ids.cpu(), response_mask.cpu())
-    ]
-    return Rollouts(
-        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
-        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-        prompt_length=prompt_ids.shape[1],
-        response_mask=response_mask,
-        completions=completions,
-        prompt_index=prompt_index,
-    )
+    return Rollouts.single_turn(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index)
 
 
 def warn_if_off_policy(greedy: bool, temperature: float, top_k: int | None, top_p: float) -> None:

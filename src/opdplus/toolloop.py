@@ -26,6 +26,7 @@ from opdplus.rollout import (
     left_pad,
     pad_token_id,
     render_conversation,
+    right_pad,
     sample,
     warn_if_off_policy,
 )
@@ -80,14 +81,8 @@ def sample_with_tools(model, tokenizer, examples: list, toolbox: ToolBox, *, max
             break
 
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    width = max(len(tokens) for tokens in response)
-    response_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    response_real = torch.zeros((rows, width), dtype=torch.long)
-    response_mask = torch.zeros((rows, width), dtype=torch.bool)
-    for row, (tokens, flags) in enumerate(zip(response, sampled)):
-        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        response_real[row, : len(tokens)] = 1
-        response_mask[row, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
+    response_ids, response_real = right_pad(response, pad_id)  # real: sampled tokens and tool results
+    response_mask = right_pad([[int(flag) for flag in flags] for flags in sampled], 0)[0].bool()  # sampled only
     device = next(model.parameters()).device
     return Rollouts(
         input_ids=torch.cat([prompt_ids, response_ids], dim=1).to(device),
