@@ -1,17 +1,31 @@
-"""Data parallelism: two gloo processes, each updating on half of a batch, reach the same parameters as one
-process updating on the whole batch (the loss is divided by the global token count and gradients are summed)."""
+"""Several processes: two gloo processes, each updating on its share of a batch, reach the same parameters as
+one process updating on the whole batch, data parallel (DDP: gradients summed) and sharded (FSDP2: gradients
+reduce-scattered as sums, weights gathered for sampling and checkpoints). The loss is divided by the global
+token count, so neither the split nor the micro-batching changes the update.
 
+The updates use SGD: Adam's first step is sign(gradient) * lr, blind to the gradient's scale. The `accelerate
+launch` tests run the shipped configs end to end."""
+
+import json
 import os
+import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from opdplus.config import TrainConfig
+from opdplus.distributed import checkpoint_state, shard
 from opdplus.trainer import lr_lambda, update
 
+ROOT = Path(__file__).resolve().parents[1]
 ROWS, PROMPT, RESPONSE = 8, 5, 7
 
 
@@ -25,23 +39,31 @@ def batch():
     return input_ids, attention_mask, mask, teacher_logprobs
 
 
-def one_update(model_dir, rows, config):
+SPLIT = (slice(0, 5), slice(5, 8))  # uneven shares: under FSDP the processes run different numbers of micro-batches
+
+
+def one_update(model_dir, rows, config, sharded=False):
+    """Parameters after update() on batch()[rows], and the logged metrics."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    policy = shard(model) if sharded else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     input_ids, attention_mask, mask, teacher_logprobs = (t[rows] for t in batch())
-    update(model, optimizer, scheduler, config, input_ids, attention_mask, PROMPT, mask, teacher_logprobs)
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    metrics, bad_rows, _ = update(policy, optimizer, scheduler, config, input_ids, attention_mask, PROMPT, mask,
+                                  teacher_logprobs)
+    assert bad_rows == []
+    weights = checkpoint_state(policy, model, optimizer)[0] if sharded else dict(model.named_parameters())
+    return {name: tensor.detach().clone() for name, tensor in weights.items()}, metrics
 
 
-def worker(rank, world_size, port, model_dir, out_dir, config):
+def worker(rank, world_size, port, model_dir, out_dir, config, sharded):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        share = ROWS // world_size
-        parameters = one_update(model_dir, slice(rank * share, (rank + 1) * share), config)
-        torch.save(parameters, os.path.join(out_dir, f"rank{rank}.pt"))
+        parameters, metrics = one_update(model_dir, SPLIT[rank], config, sharded)
+        if rank == 0 or not sharded:  # sharded: the full weights are gathered to process 0 only
+            torch.save((parameters, metrics), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -52,28 +74,80 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def test_two_processes_match_one_process_on_the_combined_batch(models, tmp_path):
-    # fkl, two PPO epochs and micro-batches: every place where a count or a mean could go wrong
-    config = TrainConfig(divergence="fkl", lr=1e-2, ppo_epochs=2, clip_eps=0.2, micro_batch_size=3,
-                         max_grad_norm=None)
-    mp.spawn(worker, args=(2, free_port(), models["student"], str(tmp_path), config), nprocs=2, join=True)
-    single = one_update(models["student"], slice(0, ROWS), config)
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_process_on_the_combined_batch(models, tmp_path, sharded):
+    # fkl, two PPO epochs, micro-batches and clipping: every place where a count or a mean could go wrong
+    config = TrainConfig(divergence="fkl", lr=0.1, ppo_epochs=2, clip_eps=0.2, micro_batch_size=3, max_grad_norm=1.0)
+    mp.spawn(worker, args=(2, free_port(), models["student"], str(tmp_path), config, sharded), nprocs=2, join=True)
+    single, single_metrics = one_update(models["student"], slice(0, ROWS), config)
     start = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(models["student"]).named_parameters()}
-    for rank in range(2):
-        distributed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for rank in range(1 if sharded else 2):
+        distributed, metrics = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert any(not torch.equal(distributed[name], start[name]) for name in start)  # it did move
         for name in single:
             torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-5)
+        assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)
+        assert metrics["grad_norm"] > 1.0  # so the clipping acted
 
 
-def test_a_sharding_launch_config_is_refused_not_silently_replicated(models, tmp_path, monkeypatch, capsys):
+def launch(config_file, out, *args, env=None):
+    """`accelerate launch` of `opdplus train` with a shipped config, 2 processes on CPU; returns the process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / config_file), "--num_processes", "2", "--main_process_port",
+               str(free_port()), "-m", "opdplus.cli", "train", "--task", "arith", "--student", "tiny:arith-student",
+               "--teacher", "tiny:arith-teacher", "--prompts-per-step", "3", "--samples-per-prompt", "2",
+               "--micro-batch-size", "4", "--eval-every", "2", "--eval-examples", "8", "--save-every", "1",
+               "--no-progress", "--out", str(out), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_fsdp_launch_config_trains_like_ddp_and_resumes_in_one_process(tmp_path):
+    runs = {}
+    for name in ("ddp", "fsdp"):
+        result = launch(f"{name}.yaml", tmp_path / name, "--steps", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        shards = re.search(r"FSDP2 over 2 processes: \d+ units, ([\d,]+) of ([\d,]+) parameters", result.stdout)
+        assert (shards is not None) == (name == "fsdp")
+        if shards:  # it really shards: process 0 holds about half of the student
+            local, total = (int(number.replace(",", "")) for number in shards.groups())
+            assert 0.4 * total < local < 0.6 * total
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    # the same samples (each process draws its share with its own seed) and the same updates, step by step
+    assert [row["step"] for row in runs["fsdp"]] == [0, 1, 2]
+    for ddp, fsdp in zip(runs["ddp"], runs["fsdp"]):
+        for key in ("greedy_accuracy", "sample_accuracy", "response_length", "num_tokens"):
+            assert fsdp.get(key) == ddp.get(key), key
+        for key in ("loss", "reverse_kl", "grad_norm"):
+            assert fsdp.get(key, 0.0) == pytest.approx(ddp.get(key, 0.0), rel=1e-4, abs=1e-6), key
+    ddp_final = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    fsdp_final = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    assert ddp_final.keys() == fsdp_final.keys()
+    for name in ddp_final:
+        torch.testing.assert_close(fsdp_final[name], ddp_final[name], rtol=0, atol=1e-5)
+    # the FSDP checkpoint holds full weights and the optimizer state by parameter name, as one process writes
+    # them: a single process resumes it
+    state = torch.load(tmp_path / "fsdp" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert set(state["state"]) == set(fsdp_final) - {"lm_head.weight"}  # tied to the embeddings
     from opdplus.cli import main
 
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        monkeypatch.setenv(variable, "true")
-        out = tmp_path / name
+    assert main(["train", "--task", "arith", "--student", "tiny:arith-student", "--teacher", "tiny:arith-teacher",
+                 "--prompts-per-step", "3", "--samples-per-prompt", "2", "--eval-every", "0", "--steps", "3",
+                 "--no-progress", "--out", str(tmp_path / "fsdp"), "--resume"]) == 0
+    assert json.loads((tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_deepspeed_and_fsdp1_launch_configs_are_refused(models, tmp_path, monkeypatch, capsys):
+    from opdplus.cli import main
+
+    for variables, expected in (({"ACCELERATE_USE_DEEPSPEED": "true"}, "asked for DeepSpeed"),
+                                ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1")):
+        for variable, value in variables.items():
+            monkeypatch.setenv(variable, value)
+        out = tmp_path / expected.split()[-1]
         assert main(["train", "--student", models["student"], "--teacher", models["teacher"], "--out", str(out),
                      "--steps", "1"]) == 2
         error = capsys.readouterr().err.strip().splitlines()
-        assert len(error) == 1 and f"asked for {name}" in error[0] and not out.exists()
-        monkeypatch.delenv(variable)
+        assert len(error) == 1 and expected in error[0] and not out.exists()
+        for variable in variables:
+            monkeypatch.delenv(variable)

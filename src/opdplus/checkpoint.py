@@ -81,11 +81,14 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer_state: dict, scheduler, state: dict,
+                    keep_last: int, *, weights: dict | None = None) -> Path:
+    """Write checkpoint-<step>, then drop all but the newest `keep_last`. `weights`: the model's full state dict
+    when `model` itself holds only a shard of it (FSDP)."""
     def write(directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(directory)
-        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(optimizer_state, directory / "optimizer.pt")
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state()}, directory / "rng.pt")
         (directory / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
@@ -96,9 +99,10 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     return path
 
 
-def load_training_state(path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG from a checkpoint (weights are loaded with the model)."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+def load_training_state(path: Path, scheduler, load_optimizer_state) -> dict:
+    """Restore scheduler and RNG from a checkpoint, pass its optimizer state to `load_optimizer_state`
+    (weights are loaded with the model)."""
+    load_optimizer_state(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     return json.loads((path / STATE_FILE).read_text())

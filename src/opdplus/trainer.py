@@ -7,6 +7,9 @@
         opd_loss -> backward -> clip -> optimizer step        (ppo_epochs times on the same batch)
         log, evaluate, checkpoint
 
+Under `accelerate launch` each process samples and scores its share of the step's prompts; the update is the
+one a single process would make on the whole batch (DDP or FSDP2: opdplus.distributed).
+
 Randomness is re-seeded from (seed, step) at the start of every step, so a resumed run draws exactly the
 batches and samples the uninterrupted run would have drawn.
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +39,19 @@ from opdplus.checkpoint import (
     save_checkpoint,
 )
 from opdplus.config import TrainConfig
-from opdplus.logprobs import token_logprobs
+from opdplus.distributed import (
+    PolicyScorer,
+    all_reduce,
+    all_reduce_gradients,
+    checkpoint_state,
+    describe_shards,
+    full_weights,
+    is_sharded,
+    launch_sharding,
+    load_optimizer_state,
+    shard,
+    world,
+)
 from opdplus.advantages import token_advantages
 from opdplus.divergences import get_divergence
 from opdplus.losses import opd_loss
@@ -56,7 +70,12 @@ class NonFiniteRunError(RuntimeError):
 def train(config: TrainConfig, *, progress: bool = True) -> dict:
     """Run (or resume) one training run; returns the last logged metrics."""
     config.validate()
-    check_parallelism()
+    sharding = launch_sharding()  # "fsdp" under an FSDP launch config, else None
+    if sharding and config.lora_r:
+        raise ValueError("--lora-r under FSDP is not supported: LoRA's trainable state is small, use "
+                         "configs/accelerate/ddp.yaml")
+    if sharding and config.rollout_backend != "hf":
+        raise ValueError(f"--rollout-backend {config.rollout_backend} under FSDP is not supported: use ddp.yaml")
     out = Path(config.out)
     check_run_directory(out, resume=config.resume, overwrite=config.overwrite)
     task = config.make_task()
@@ -92,11 +111,17 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     if config.gradient_checkpointing:  # HF models checkpoint only in train mode, hence no dropout above
         student.gradient_checkpointing_enable()
     student.eval()
+    policy = shard(student) if sharding else student  # what the loss runs through; FSDP: the sharded student
+    if sharding and main_process:
+        tqdm.write(describe_shards(policy))
 
     trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    start_step = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    start_step = 0
+    if resume_from:
+        start_step = load_training_state(resume_from, scheduler,
+                                          lambda state: load_optimizer_state(policy, student, optimizer, state))["step"]
     if main_process:
         atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
     log = MetricsLog(out, keep_through=start_step if resume_from else -1, tensorboard=config.tensorboard,
@@ -106,8 +131,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     last = {"step": start_step}
     test_examples = test_examples if main_process else []
     if start_step == 0:
-        last = log.write({"step": 0, **(evaluate(student, tokenizer, task, test_examples, k=config.eval_k)
-                                        if test_examples else {})})
+        with full_weights(policy):  # every process enters: FSDP gathers the weights; process 0 evaluates
+            last = log.write({"step": 0, **(evaluate(student, tokenizer, task, test_examples, k=config.eval_k)
+                                            if test_examples else {})})
 
     bad_steps, skipped_steps, long_prompts_skipped = 0, 0, 0
     backend = None if config.rollout_backend == "hf" else get_backend(config.rollout_backend, student, tokenizer)
@@ -124,9 +150,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         examples, skipped = drop_long_prompts(examples, tokenizer, config)
         long_prompts_skipped += skipped
         if backend is None:
-            rollouts = sample_for_task(student, tokenizer, task, examples,
-                                       num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
-                                       temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+            with full_weights(policy):
+                rollouts = sample_for_task(student, tokenizer, task, examples,
+                                           num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens,
+                                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
         else:  # an inference engine with its own copy of the weights, synced after every update
             rollouts = backend.generate(examples, num_samples=config.samples_per_prompt, max_new_tokens=max_new_tokens)
         failpoint(f"rollout:{step}")
@@ -140,7 +167,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         scored = time.perf_counter()
 
         # 3. policy-gradient updates; later epochs reuse the batch with importance ratios
-        metrics, bad_rows, sampled_logprobs = update(student, optimizer, scheduler, config, input_ids,
+        metrics, bad_rows, sampled_logprobs = update(policy, optimizer, scheduler, config, input_ids,
                                                      attention_mask, prompt_length, mask, teacher_logprobs,
                                                      timings := {})
         if backend is not None and not bad_rows:
@@ -173,8 +200,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         }
         if config.teachers and not bad_rows:
             record.update(per_teacher_metrics(config, routes, mask, sampled_logprobs, teacher_logprobs))
-        if test_examples and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-            record.update(evaluate(student, tokenizer, task, test_examples, k=config.eval_k))
+        if evaluates and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            with full_weights(policy):
+                record.update(evaluate(student, tokenizer, task, test_examples, k=config.eval_k)
+                              if test_examples else {})
         record["time_step"] = time.perf_counter() - started
         last = log.write(record)
         if bad_steps >= config.max_bad_steps:
@@ -184,15 +213,19 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         bar.set_postfix(acc=f"{log.last_accuracy:.2f}", rkl=f"{record.get('reverse_kl', math.nan):.3f}",
                         s_step=f"{record['time_step']:.2f}")
 
-        if main_process and config.save_every and step % config.save_every == 0:
-            save_checkpoint(out, step, student, tokenizer, optimizer, scheduler,
-                            {"config": config.to_dict()}, config.keep_last)
+        if config.save_every and step % config.save_every == 0:
+            weights, optimizer_state = checkpoint_state(policy, student, optimizer)  # every process takes part
+            if main_process:
+                save_checkpoint(out, step, student, tokenizer, optimizer_state, scheduler,
+                                {"config": config.to_dict()}, config.keep_last, weights=weights)
 
     log.close()
     teachers.close()
+    weights = checkpoint_state(policy, student, optimizer)[0] if sharding else None
     if main_process:  # a plain Hugging Face model directory; LoRA adapters are merged into the weights
         final_model = student.merge_and_unload() if config.lora_r else student
-        atomic_directory(out / "final", lambda d: (final_model.save_pretrained(d, safe_serialization=True),
+        atomic_directory(out / "final", lambda d: (final_model.save_pretrained(d, safe_serialization=True,
+                                                                               state_dict=weights),
                                                   tokenizer.save_pretrained(d)))
     return last
 
@@ -228,7 +261,8 @@ def drop_long_prompts(examples: list, tokenizer, config: TrainConfig) -> tuple[l
 
 def update(student, optimizer, scheduler, config: TrainConfig, input_ids, attention_mask, prompt_length, mask,
            teacher_logprobs, timings: dict | None = None) -> tuple[dict, list[int], torch.Tensor]:
-    """ppo_epochs optimizer steps on one batch. Returns the first (on-policy) epoch's metrics, the rows
+    """ppo_epochs optimizer steps on one batch of `student` (the causal LM, or a PolicyScorer around it, which
+    FSDP shards). Returns the first (on-policy) epoch's metrics, the rows
     that held non-finite log-probs, loss or gradients (when not empty, no update was applied) and the
     sampling policy's log-probs [N, T].
     Seconds spent in the student's forward, backward and optimizer steps are added to `timings`."""
@@ -246,19 +280,28 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
             teacher_logprobs, clock) -> tuple[dict, list[int], torch.Tensor]:
     rows = input_ids.shape[0]
     micro = config.micro_batch_size or rows
+    policy = student if isinstance(student, PolicyScorer) else PolicyScorer(student)
     # the token count of the whole step, over micro-batches and processes: neither changes the gradient
-    num_tokens = int(all_reduce_sum(mask.sum().double()).clamp(min=1))
+    num_tokens = int(all_reduce(mask.sum().double()).clamp(min=1))
+    begins: list[int | None] = list(range(0, rows, micro))
+    if is_sharded(policy):  # FSDP's forward and backward are collectives: every process runs as many of them
+        begins += [None] * (int(all_reduce(torch.tensor(len(begins)), op="max")) - len(begins))
     behavior_logprobs = torch.zeros_like(teacher_logprobs)
     first_metrics: dict = {}
     for epoch in range(config.ppo_epochs):
         parts, bad_rows = [], []
-        for begin in range(0, rows, micro):
+        for begin in begins:
+            if begin is None:  # a pass that adds nothing, to take part in the other processes' collectives
+                policy(input_ids[:1], attention_mask[:1], prompt_length).sum().mul(0).backward()
+                continue
             batch = slice(begin, begin + micro)
             with clock("student_forward"):
-                logprobs = token_logprobs(student, input_ids[batch], attention_mask[batch], start=prompt_length)
+                logprobs = policy(input_ids[batch], attention_mask[batch], prompt_length)
             finite = (torch.isfinite(logprobs.detach()) & torch.isfinite(teacher_logprobs[batch])) | ~mask[batch]
             if not finite.all():
                 bad_rows += [begin + row for row in (~finite.all(-1)).nonzero().flatten().tolist()]
+                if is_sharded(policy):  # the update is skipped anyway; the collectives must still match
+                    logprobs.sum().mul(0).backward()
                 continue
             loss, metrics = opd_loss(
                 logprobs, teacher_logprobs[batch], mask[batch], divergence=config.divergence,
@@ -268,6 +311,8 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
             )
             if not torch.isfinite(loss):  # e.g. an unclipped fkl/chi2 weight overflowing
                 bad_rows += list(range(begin, min(begin + micro, rows)))
+                if is_sharded(policy):
+                    loss.mul(0).backward()
                 continue
             if epoch == 0:
                 behavior_logprobs[batch] = logprobs.detach()
@@ -276,8 +321,9 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
             parts.append(metrics)
         # data parallel: sum the gradients (each process's loss is already divided by the global token
         # count) and skip the update everywhere if any process saw non-finite values
-        bad_anywhere = all_reduce_gradients(student, bad=bool(bad_rows))
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm or math.inf)
+        bad_anywhere = all_reduce_gradients(policy, bad=bool(bad_rows))
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm or math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         if parts and epoch == 0:
             first_metrics = {**combine(parts), "grad_norm": float(grad_norm)}
         if bad_anywhere or not torch.isfinite(grad_norm):  # never apply a NaN/inf update
@@ -288,41 +334,6 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
     return first_metrics, [], behavior_logprobs
-
-
-def check_parallelism() -> None:
-    """Data parallel (DDP) only: refuse a launch config that asks for sharding rather than silently replicate."""
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise ValueError(f"accelerate launch asked for {name}, which the opdplus trainer does not support yet: "
-                             "use configs/accelerate/ddp.yaml, or opdplus.integrations.trl (TRL's trainer runs "
-                             "under FSDP and DeepSpeed)")
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group `accelerate launch` set up; (0, 1) otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if world()[1] > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-    return value
-
-
-def all_reduce_gradients(model, *, bad: bool) -> bool:
-    """Sum gradients over processes; returns whether any process flagged its batch as bad."""
-    if world()[1] == 1:
-        return bad
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            torch.distributed.all_reduce(parameter.grad)
-    return bool(all_reduce_sum(torch.tensor(float(bad))) > 0)
 
 
 def per_teacher_metrics(config: TrainConfig, routes: list, mask, student_logprobs, teacher_logprobs) -> dict:
