@@ -5,7 +5,7 @@ import torch
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from opdplus.logprobs import _full_logits_logprobs, position_ids_from_mask, token_logprobs
+from opdplus.logprobs import _full_logits_logprobs, position_ids_from_mask, shared_prompt_logprobs, token_logprobs
 from opdplus.rollout import left_pad
 
 
@@ -67,3 +67,38 @@ def test_scores_equal_the_distribution_generate_sampled_from(kind):
                           position_ids=torch.arange(attention_mask.shape[1])[None]).logits[:, start - 1 : -1]
         naive = torch.log_softmax(naive.float(), -1).gather(-1, responses[..., None]).squeeze(-1)
         assert (naive[alive] - generated_logprobs[alive]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_prompts_equal_whole_rows_values_and_gradients(kind):
+    # 3 prompts of different lengths (left-padded), 2 right-padded responses each; GPT-2 has absolute positions
+    model = tiny_model(seed=2, kind=kind)
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], pad_id=0)
+    prompt_index = torch.tensor([0, 0, 1, 1, 2, 2])
+    response_ids = torch.tensor([[20, 21, 22, 1], [23, 1, 0, 0], [24, 25, 26, 27], [28, 0, 0, 0],
+                                 [29, 30, 1, 0], [31, 32, 33, 1]])
+    response_mask = (response_ids != 0).long()
+    shared = shared_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_index, response_ids, response_mask)
+    (shared * response_mask).sum().backward()
+    shared_grads = [parameter.grad.clone() for parameter in model.parameters()]
+    model.zero_grad()
+    rows = torch.cat([prompt_ids[prompt_index], response_ids], 1)
+    mask = torch.cat([prompt_mask[prompt_index], response_mask], 1)
+    whole = token_logprobs(model, rows, mask, start=prompt_ids.shape[1], share_prompts=False)
+    (whole * response_mask).sum().backward()
+    real = response_mask.bool()
+    torch.testing.assert_close(shared[real], whole[real], rtol=0, atol=1e-5)
+    for shared_grad, parameter in zip(shared_grads, model.parameters()):
+        torch.testing.assert_close(shared_grad, parameter.grad, rtol=1e-4, atol=1e-5)
+    # token_logprobs finds the repeated prompts itself; with gradient checkpointing (no KV cache in training)
+    # it falls back to whole rows
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(model, rows, mask, start=prompt_ids.shape[1])[real], whole[real],
+                                   rtol=0, atol=1e-5)
+    model.gradient_checkpointing_enable()
+    model.train()  # as the trainer does it: no dropout, train mode only to switch checkpointing on
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    torch.testing.assert_close(token_logprobs(model, rows, mask, start=prompt_ids.shape[1])[real],
+                               whole[real].detach(), rtol=0, atol=1e-5)

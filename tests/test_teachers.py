@@ -45,6 +45,22 @@ def test_local_teacher_equals_token_logprobs_per_sequence(local):
         torch.testing.assert_close(score, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_local_teacher_scores_samples_of_one_prompt_as_if_scored_apart(models, temperature):
+    # several samples per prompt take the shared-prompt path (each prompt's prefix runs once), prompts of
+    # different lengths included; it must give what scoring every row on its own gives
+    teacher = get_teacher(models["teacher"], temperature=temperature)
+    prompts, _ = random_sequences(4, len(teacher.tokenizer), seed=1, min_len=1, max_len=12)
+    responses, _ = random_sequences(12, len(teacher.tokenizer), seed=2, min_len=1, max_len=9)
+    sequences = [prompts[row % 4] + response for row, response in enumerate(responses)]
+    starts = [len(prompts[row % 4]) for row in range(12)]
+    shared = teacher.token_logprobs(sequences, starts)
+    for ids, begin, score in zip(sequences, starts, shared):
+        alone = teacher.token_logprobs([ids], [begin])[0]  # one row: no prompt to share
+        assert score.shape == alone.shape
+        torch.testing.assert_close(score, alone, atol=2e-5, rtol=0)
+
+
 def test_local_teacher_start_handling(local):
     sequences = [[5, 6, 7, 8], [9, 10]]
     default = local.token_logprobs(sequences)

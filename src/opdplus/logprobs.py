@@ -11,9 +11,12 @@ plain 0..L-1 positions would give different log-probs from the ones the samples 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 # logits elements computed at once: 2^24 float32 = 64 MiB, e.g. 110 tokens of a 151,936-token vocabulary
 DEFAULT_MAX_LOGIT_ELEMENTS = 2**24
@@ -38,10 +41,13 @@ def token_logprobs(
     *,
     start: int,
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+    share_prompts: bool = True,
 ) -> Tensor:
     """float32 [N, L - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t = start .. L-1.
 
     Gradients flow when called with grad enabled (the student); call under `torch.no_grad()` for a teacher.
+    With `share_prompts`, rows whose first `start` columns (ids and mask) are equal, e.g. several samples of one
+    prompt, run those columns through the model once (`shared_prompt_logprobs`).
     """
     if not 1 <= start < input_ids.shape[1]:
         raise ValueError(f"start must be in [1, {input_ids.shape[1] - 1}], got {start}")
@@ -49,10 +55,21 @@ def token_logprobs(
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     if decoder is None or lm_head is None or decoder is model:
         return _full_logits_logprobs(model, input_ids, attention_mask, position_ids, start)
+    if share_prompts and input_ids.shape[0] > 1:
+        prompts = torch.cat([input_ids[:, :start], attention_mask[:, :start].to(input_ids.dtype)], 1)
+        unique, prompt_index = torch.unique(prompts, dim=0, return_inverse=True)
+        if unique.shape[0] < prompts.shape[0]:
+            return shared_prompt_logprobs(model, unique[:, :start], unique[:, start:].to(attention_mask.dtype),
+                                          prompt_index, input_ids[:, start:], attention_mask[:, start:],
+                                          max_logit_elements=max_logit_elements)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     # the state before token t predicts token t
-    hidden = hidden[:, start - 1 : -1]  # [N, T, H]
-    targets = input_ids[:, start:]  # [N, T]
+    return _head_logprobs(model, hidden[:, start - 1 : -1], input_ids[:, start:], max_logit_elements)
+
+
+def _head_logprobs(model, hidden: Tensor, targets: Tensor, max_logit_elements: int) -> Tensor:
+    """[N, T] log-probs of `targets` from the decoder states [N, T, H] that predict them, chunk by chunk."""
+    lm_head = model.get_output_embeddings()
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     chunk = max(1, max_logit_elements // lm_head.weight.shape[0])
@@ -64,6 +81,50 @@ def token_logprobs(
         else:
             pieces.append(_selected_logprobs(*args))
     return torch.cat(pieces).view_as(targets)
+
+
+def shared_prompt_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompt_index: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,
+) -> Tensor:
+    """float32 [N, T]: log p(response_ids[n, t] | prompt prompt_index[n], response_ids[n, :t]), as
+    `token_logprobs` gives them for the concatenated rows, with each distinct prompt run through the model once.
+
+    prompt_ids, prompt_mask: [U, P], left-padded, U distinct prompts; prompt_index: [N] ids in [0, U);
+    response_ids, response_mask: [N, T], right-padded. With k samples per prompt the prompts' share of the
+    forward pass shrinks k-fold: their keys and values are computed for U rows and then gathered for N. For
+    models without a separate decoder body and LM head, or a KV cache, the rows are scored whole instead.
+    """
+    decoder = model.get_decoder()
+    cache_name = None
+    if decoder is not None and decoder is not model and model.get_output_embeddings() is not None:
+        parameters = inspect.signature(decoder.forward).parameters  # renamed in transformers 5.x
+        cache_name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
+    cache = DynamicCache(config=decoder.config) if cache_name else None
+    prompt_positions = position_ids_from_mask(prompt_mask)
+    if cache is not None:
+        prefix = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                         use_cache=True, **{cache_name: cache}).last_hidden_state  # [U, P, H]
+    if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:  # no KV cache (e.g. switched off)
+        rows = torch.cat([prompt_ids[prompt_index], response_ids], 1)
+        mask = torch.cat([prompt_mask[prompt_index], response_mask.to(prompt_mask.dtype)], 1)
+        return token_logprobs(model, rows, mask, start=prompt_ids.shape[1], max_logit_elements=max_logit_elements,
+                              share_prompts=False)
+    cache.batch_select_indices(prompt_index)  # every row gets its prompt's keys and values: [N, heads, P, d]
+    steps = torch.arange(response_ids.shape[1], device=response_ids.device)
+    positions = prompt_positions[prompt_index, -1:] + 1 + steps  # [N, T], continuing each prompt
+    mask = torch.cat([prompt_mask[prompt_index], response_mask.to(prompt_mask.dtype)], 1)  # [N, P + T]
+    hidden = decoder(input_ids=response_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{cache_name: cache}).last_hidden_state  # [N, T, H]
+    # the state before token t predicts token t: the prompt's last state predicts the first response token
+    hidden = torch.cat([prefix[prompt_index, -1:], hidden[:, :-1]], 1)
+    return _head_logprobs(model, hidden, response_ids, max_logit_elements)
 
 
 def _full_logits_logprobs(model, input_ids, attention_mask, position_ids, start) -> Tensor:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from opdplus.logprobs import token_logprobs
+from opdplus.logprobs import shared_prompt_logprobs, token_logprobs
 from opdplus.teachers.base import resolve_starts
 from opdplus.tiny.models import load_model_and_tokenizer
 from opdplus.vocab import check_same_vocabulary
@@ -88,6 +88,10 @@ class LocalTeacher:
         return results
 
     def _score_batch(self, sequences: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+        prompts: dict[tuple[int, ...], int] = {}
+        prompt_index = [prompts.setdefault(tuple(ids[:begin]), len(prompts)) for ids, begin in zip(sequences, starts)]
+        if len(prompts) < len(sequences):  # several samples of one prompt: its prefix runs once for all of them
+            return self._score_shared_prompts(sequences, starts, list(prompts), prompt_index)
         width = max(len(ids) for ids in sequences)
         input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -100,6 +104,23 @@ class LocalTeacher:
                                 start=batch_start).float().cpu()
         return [scores[row, begin - batch_start : len(ids) - batch_start]
                 for row, (ids, begin) in enumerate(zip(sequences, starts))]
+
+    def _score_shared_prompts(self, sequences, starts, prompts, prompt_index) -> list[torch.Tensor]:
+        prompt_width = max(len(prompt) for prompt in prompts)
+        response_width = max(len(ids) - begin for ids, begin in zip(sequences, starts))
+        prompt_ids = torch.full((len(prompts), prompt_width), self.pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(prompts), prompt_width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left-padded, as the prompts are sampled from
+            prompt_ids[row, prompt_width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            prompt_mask[row, prompt_width - len(prompt) :] = 1
+        response_ids = torch.full((len(sequences), response_width), self.pad_id, dtype=torch.long)
+        response_mask = torch.zeros((len(sequences), response_width), dtype=torch.long)
+        for row, (ids, begin) in enumerate(zip(sequences, starts)):
+            response_ids[row, : len(ids) - begin] = torch.tensor(ids[begin:], dtype=torch.long)
+            response_mask[row, : len(ids) - begin] = 1
+        scores = shared_prompt_logprobs(self._scorer, *(t.to(self.device) for t in (
+            prompt_ids, prompt_mask, torch.tensor(prompt_index), response_ids, response_mask))).float().cpu()
+        return [scores[row, : len(ids) - begin] for row, (ids, begin) in enumerate(zip(sequences, starts))]
 
     def check_tokenizer(self, tokenizer) -> None:
         check_same_vocabulary(tokenizer, self.tokenizer)
