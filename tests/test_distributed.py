@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from opdplus.config import TrainConfig
-from opdplus.distributed import checkpoint_state, shard
+from opdplus.distributed import checkpoint_state, load_optimizer_state, shard
+from opdplus.tiny.models import resolve_model
 from opdplus.trainer import lr_lambda, update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,24 @@ def test_fsdp_launch_config_trains_like_ddp_and_resumes_in_one_process(tmp_path)
     assert json.loads((tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
 
 
+def test_lora_under_fsdp_trains_like_ddp(tmp_path):
+    # frozen base weights and trainable adapters in the same FSDP units; final/ merges the gathered adapters
+    finals = {}
+    for name in ("ddp", "fsdp"):
+        result = launch(f"{name}.yaml", tmp_path / name, "--steps", "2", "--lora-r", "4", "--lr", "1e-2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / name / "checkpoint-2" / "adapter_model.safetensors").is_file()
+        finals[name] = load_file(tmp_path / name / "final" / "model.safetensors")
+    start = load_file(Path(resolve_model("tiny:arith-student")) / "model.safetensors")
+    assert finals["fsdp"].keys() == finals["ddp"].keys() == start.keys()
+    assert any(not torch.equal(finals["fsdp"][name], start[name]) for name in start)  # the merged adapters moved it
+    for name in start:
+        torch.testing.assert_close(finals["fsdp"][name], finals["ddp"][name], rtol=0, atol=1e-5)
+    adapters = {name: load_file(tmp_path / name / "checkpoint-2" / "adapter_model.safetensors") for name in finals}
+    for key in adapters["ddp"]:
+        torch.testing.assert_close(adapters["fsdp"][key], adapters["ddp"][key], rtol=0, atol=1e-5)
+
+
 def test_deepspeed_and_fsdp1_launch_configs_are_refused(models, tmp_path, monkeypatch, capsys):
     from opdplus.cli import main
 
@@ -151,3 +170,21 @@ def test_deepspeed_and_fsdp1_launch_configs_are_refused(models, tmp_path, monkey
         assert len(error) == 1 and expected in error[0] and not out.exists()
         for variable in variables:
             monkeypatch.delenv(variable)
+
+
+def test_optimizer_state_by_parameter_name_and_older_checkpoints_load(models):
+    # checkpoints now key AdamW's state by parameter name (the same for 1 process, DDP and FSDP); a checkpoint
+    # written before, with optimizer.state_dict()'s integer keys, still resumes
+    model = AutoModelForCausalLM.from_pretrained(models["student"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    optimizer.step()
+    expected = optimizer.state_dict()["state"]
+    _, by_name = checkpoint_state(model, model, optimizer)
+    assert set(by_name["state"]) == {name for name, _ in model.named_parameters()}
+    for state in (by_name, optimizer.state_dict()):
+        fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        load_optimizer_state(model, model, fresh, state)
+        for index, values in fresh.state_dict()["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(values[key], expected[index][key], rtol=0, atol=0)

@@ -95,7 +95,7 @@ def test_shared_prompts_equal_whole_rows_values_and_gradients(kind):
     with torch.no_grad():
         torch.testing.assert_close(token_logprobs(model, rows, mask, start=prompt_ids.shape[1])[real], whole[real],
                                    rtol=0, atol=1e-5)
-    model.gradient_checkpointing_enable()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     model.train()  # as the trainer does it: no dropout, train mode only to switch checkpointing on
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):

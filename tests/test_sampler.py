@@ -56,6 +56,26 @@ def _hf(model, ids, mask, eos_ids, max_new_tokens, **sampling):
 
 
 @pytest.mark.parametrize("padded", [False, True])
+def test_samples_of_one_prompt_share_its_prefill_and_still_equal_hf_generate(model, padded):
+    # 4 prompts x 4 samples, rows grouped as the trainer groups them: the sampler runs 4 prompts through the
+    # prefill instead of 16 and gathers their keys and values, generate runs all 16
+    ids, mask = _prompts(padded, rows=4)
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        torch.manual_seed(0)
+        actual = generate(model, ids, mask, max_new_tokens=24, eos_ids=MANY_EOS, pad_id=PAD)
+    finally:
+        hook.remove()
+    assert calls[0] == (4, ids.shape[1]) and calls[1] == (16, 1)
+    torch.manual_seed(0)
+    assert torch.equal(actual, _hf(model, ids, mask, MANY_EOS, 24, **SAMPLING))
+    assert len({tuple(row) for row in actual[:4, ids.shape[1]:].tolist()}) > 1  # the samples of a prompt differ
+
+
+@pytest.mark.parametrize("padded", [False, True])
 def test_greedy_equals_hf_generate(model, padded):
     ids, mask = _prompts(padded)
     for eos_ids in (EOS, MANY_EOS):

@@ -59,6 +59,15 @@ def all_reduce_gradients(model, *, bad: bool) -> bool:
     return bool(all_reduce(torch.tensor(float(bad))) > 0)
 
 
+def broadcast_from_first_process(model: torch.nn.Module) -> None:
+    """Every process starts from process 0's weights (as DDP's sync_module_states): fresh random parameters,
+    such as LoRA's, would otherwise differ between processes."""
+    if world()[1] > 1:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
+
+
 def launch_sharding() -> str | None:
     """"fsdp" when `accelerate launch` asked for FSDP, None for DDP or one process; DeepSpeed is refused."""
     if _env_true("ACCELERATE_USE_DEEPSPEED"):

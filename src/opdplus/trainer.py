@@ -43,6 +43,7 @@ from opdplus.distributed import (
     PolicyScorer,
     all_reduce,
     all_reduce_gradients,
+    broadcast_from_first_process,
     checkpoint_state,
     describe_shards,
     full_weights,
@@ -71,9 +72,6 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     """Run (or resume) one training run; returns the last logged metrics."""
     config.validate()
     sharding = launch_sharding()  # "fsdp" under an FSDP launch config, else None
-    if sharding and config.lora_r:
-        raise ValueError("--lora-r under FSDP is not supported: LoRA's trainable state is small, use "
-                         "configs/accelerate/ddp.yaml")
     if sharding and config.rollout_backend != "hf":
         raise ValueError(f"--rollout-backend {config.rollout_backend} under FSDP is not supported: use ddp.yaml")
     out = Path(config.out)
@@ -109,8 +107,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if config.gradient_checkpointing:  # HF models checkpoint only in train mode, hence no dropout above
-        student.gradient_checkpointing_enable()
+        # renamed in transformers 5.x (the old name warns)
+        getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
     student.eval()
+    broadcast_from_first_process(student)
     policy = shard(student) if sharding else student  # what the loss runs through; FSDP: the sharded student
     if sharding and main_process:
         tqdm.write(describe_shards(policy))
@@ -223,6 +223,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     teachers.close()
     weights = checkpoint_state(policy, student, optimizer)[0] if sharding else None
     if main_process:  # a plain Hugging Face model directory; LoRA adapters are merged into the weights
+        if sharding and config.lora_r:  # merging needs whole matrices: an unsharded copy takes the gathered weights
+            student = with_lora(load_model_and_tokenizer(config.student, dtype=dtype)[0], config, None)
+            student.load_state_dict(weights)
+            weights = None
         final_model = student.merge_and_unload() if config.lora_r else student
         atomic_directory(out / "final", lambda d: (final_model.save_pretrained(d, safe_serialization=True,
                                                                                state_dict=weights),
@@ -238,7 +242,9 @@ def with_lora(student, config: TrainConfig, resume_from: Path | None):
     if resume_from is not None:
         return PeftModel.from_pretrained(student, resume_from, is_trainable=True)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
-    return get_peft_model(student, lora)
+    with torch.random.fork_rng():  # the adapters' random initialisation follows the run's seed
+        torch.manual_seed(config.seed)
+        return get_peft_model(student, lora)
 
 
 def drop_long_prompts(examples: list, tokenizer, config: TrainConfig) -> tuple[list, int]:
