@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from opdplus.logprobs import shared_prompt_logprobs, token_logprobs
+from opdplus.rollout import left_pad, right_pad
 from opdplus.teachers.base import resolve_starts
 from opdplus.tiny.models import load_model_and_tokenizer
 from opdplus.vocab import check_same_vocabulary
@@ -92,12 +93,7 @@ class LocalTeacher:
         prompt_index = [prompts.setdefault(tuple(ids[:begin]), len(prompts)) for ids, begin in zip(sequences, starts)]
         if len(prompts) < len(sequences):  # several samples of one prompt: its prefix runs once for all of them
             return self._score_shared_prompts(sequences, starts, list(prompts), prompt_index)
-        width = max(len(ids) for ids in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, ids in enumerate(sequences):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = right_pad(sequences, self.pad_id)
         # one forward from the earliest start; each row keeps its own window
         batch_start = min(starts)
         scores = token_logprobs(self._scorer, input_ids.to(self.device), attention_mask.to(self.device),
@@ -106,18 +102,8 @@ class LocalTeacher:
                 for row, (ids, begin) in enumerate(zip(sequences, starts))]
 
     def _score_shared_prompts(self, sequences, starts, prompts, prompt_index) -> list[torch.Tensor]:
-        prompt_width = max(len(prompt) for prompt in prompts)
-        response_width = max(len(ids) - begin for ids, begin in zip(sequences, starts))
-        prompt_ids = torch.full((len(prompts), prompt_width), self.pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(prompts), prompt_width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left-padded, as the prompts are sampled from
-            prompt_ids[row, prompt_width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            prompt_mask[row, prompt_width - len(prompt) :] = 1
-        response_ids = torch.full((len(sequences), response_width), self.pad_id, dtype=torch.long)
-        response_mask = torch.zeros((len(sequences), response_width), dtype=torch.long)
-        for row, (ids, begin) in enumerate(zip(sequences, starts)):
-            response_ids[row, : len(ids) - begin] = torch.tensor(ids[begin:], dtype=torch.long)
-            response_mask[row, : len(ids) - begin] = 1
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)  # as the prompts were sampled from
+        response_ids, response_mask = right_pad([ids[begin:] for ids, begin in zip(sequences, starts)], self.pad_id)
         scores = shared_prompt_logprobs(self._scorer, *(t.to(self.device) for t in (
             prompt_ids, prompt_mask, torch.tensor(prompt_index), response_ids, response_mask))).float().cpu()
         return [scores[row, : len(ids) - begin] for row, (ids, begin) in enumerate(zip(sequences, starts))]
