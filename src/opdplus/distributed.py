@@ -109,13 +109,14 @@ def shard(student: torch.nn.Module) -> PolicyScorer:
     if not layers:
         raise ValueError(f"FSDP: no module of class {sorted(layer_classes) or '(none named)'} in the student; set "
                          "fsdp_transformer_layer_cls_to_wrap in the accelerate config to its decoder layer class")
-    reshard_after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    reshard_after_forward = _reshard_after_forward()
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
     policy = fully_shard(PolicyScorer(student), reshard_after_forward=reshard_after_forward)
     for unit in [*layers, policy]:  # each unit's own setting, not inherited
         unit.set_gradient_divide_factor(1.0)  # sum, not mean: the loss is already divided by the global count
-        unit.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no pre-multiplied sum)
+        if hasattr(unit, "set_force_sum_reduction_for_comms"):  # newer torch; gloo has no pre-multiplied sum
+            unit.set_force_sum_reduction_for_comms(True)
     device = next(student.parameters()).device
     with torch.no_grad():  # FSDP sets itself up in the first forward, which has to be through the root
         policy(torch.ones(1, 2, dtype=torch.long, device=device), torch.ones(1, 2, dtype=torch.long, device=device), 1)
@@ -131,6 +132,11 @@ def describe_shards(policy) -> str:
     total = sum(parameter.numel() for parameter in policy.parameters())
     return (f"FSDP2 over {world()[1]} processes: {units} units, {local:,} of {total:,} parameters "
             f"on process {world()[0]}")
+
+
+def _reshard_after_forward() -> bool:
+    """fsdp_reshard_after_forward of the launch config (default true: ZeRO-3-like, false: ZeRO-2-like)."""
+    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
 
 
 def _no_split_modules(model) -> list[str]:
@@ -161,10 +167,9 @@ def full_weights(policy):
     try:
         yield
     finally:
-        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(reshard, recurse=False)
+            unit.set_reshard_after_forward(_reshard_after_forward(), recurse=False)
 
 
 def checkpoint_state(policy, student, optimizer) -> tuple[dict | None, dict]:
