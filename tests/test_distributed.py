@@ -7,6 +7,7 @@ The updates use SGD: Adam's first step is sign(gradient) * lr, blind to the grad
 launch` tests run the shipped configs end to end."""
 
 import json
+import math
 import os
 import re
 import socket
@@ -43,26 +44,31 @@ def batch():
 SPLIT = (slice(0, 5), slice(5, 8))  # uneven shares: under FSDP the processes run different numbers of micro-batches
 
 
-def one_update(model_dir, rows, config, sharded=False):
-    """Parameters after update() on batch()[rows], and the logged metrics."""
+def one_update(model_dir, rows, config, sharded=False, poison=None):
+    """Parameters after update() on batch()[rows], and the logged metrics. poison: None, no NaN anywhere; True, a
+    NaN teacher log-prob in this process's first row; False, one in another process's: the update is skipped."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     policy = shard(model) if sharded else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     input_ids, attention_mask, mask, teacher_logprobs = (t[rows] for t in batch())
+    if poison:
+        teacher_logprobs = teacher_logprobs.clone()
+        teacher_logprobs[0, 0] = math.nan
     metrics, bad_rows, _ = update(policy, optimizer, scheduler, config, input_ids, attention_mask, PROMPT, mask,
                                   teacher_logprobs)
-    assert bad_rows == []
+    assert bool(bad_rows) == (poison is not None)
     weights = checkpoint_state(policy, model, optimizer)[0] if sharded else dict(model.named_parameters())
     return {name: tensor.detach().clone() for name, tensor in weights.items()}, metrics
 
 
-def worker(rank, world_size, port, model_dir, out_dir, config, sharded):
+def worker(rank, world_size, port, model_dir, out_dir, config, sharded, poisoned_rank=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        parameters, metrics = one_update(model_dir, SPLIT[rank], config, sharded)
+        poison = None if poisoned_rank is None else rank == poisoned_rank
+        parameters, metrics = one_update(model_dir, SPLIT[rank], config, sharded, poison)
         if rank == 0 or not sharded:  # sharded: the full weights are gathered to process 0 only
             torch.save((parameters, metrics), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -89,6 +95,19 @@ def test_two_processes_match_one_process_on_the_combined_batch(models, tmp_path,
             torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-5)
         assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)
         assert metrics["grad_norm"] > 1.0  # so the clipping acted
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_non_finite_values_on_one_process_skip_the_update_on_all(models, tmp_path, sharded):
+    # process 1 sees a NaN and runs fewer real micro-batches than process 0: nobody hangs, nobody updates
+    config = TrainConfig(divergence="fkl", lr=0.1, micro_batch_size=3, max_grad_norm=1.0)
+    mp.spawn(worker, args=(2, free_port(), models["student"], str(tmp_path), config, sharded, 1), nprocs=2,
+             join=True)
+    start = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(models["student"]).named_parameters()}
+    for rank in range(1 if sharded else 2):
+        parameters, _ = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name in start:
+            assert torch.equal(parameters[name], start[name]), name
 
 
 def launch(config_file, out, *args, env=None):
