@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from opdplus.config import TrainConfig
-from opdplus.distributed import checkpoint_state, load_optimizer_state, shard
+from opdplus.distributed import checkpoint_state, deepspeed_engine, load_optimizer_state, shard
 from opdplus.tiny.models import resolve_model
 from opdplus.trainer import lr_lambda, update
 
@@ -45,11 +45,14 @@ SPLIT = (slice(0, 5), slice(5, 8))  # uneven shares: under FSDP the processes ru
 
 
 def one_update(model_dir, rows, config, sharded=False, poison=None):
-    """Parameters after update() on batch()[rows], and the logged metrics. poison: None, no NaN anywhere; True, a
-    NaN teacher log-prob in this process's first row; False, one in another process's: the update is skipped."""
+    """Parameters after update() on batch()[rows], and the logged metrics. sharded: True (FSDP), False, or
+    "zero2" / "zero3" (DeepSpeed). poison: None, no NaN anywhere; True, a NaN teacher log-prob in this process's
+    first row; False, one in another process's: the update is skipped."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    policy = shard(model) if sharded else model
+    policy = shard(model) if sharded is True else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    if sharded in ("zero2", "zero3"):
+        policy = deepspeed_engine(model, optimizer, config.max_grad_norm, stage=int(sharded[-1]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     input_ids, attention_mask, mask, teacher_logprobs = (t[rows] for t in batch())
     if poison:
@@ -58,18 +61,19 @@ def one_update(model_dir, rows, config, sharded=False, poison=None):
     metrics, bad_rows, _ = update(policy, optimizer, scheduler, config, input_ids, attention_mask, PROMPT, mask,
                                   teacher_logprobs)
     assert bool(bad_rows) == (poison is not None)
-    weights = checkpoint_state(policy, model, optimizer)[0] if sharded else dict(model.named_parameters())
+    weights = (checkpoint_state(policy, model, optimizer)[0] if sharded else None) or dict(model.named_parameters())
     return {name: tensor.detach().clone() for name, tensor in weights.items()}, metrics
 
 
 def worker(rank, world_size, port, model_dir, out_dir, config, sharded, poisoned_rank=None):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         poison = None if poisoned_rank is None else rank == poisoned_rank
         parameters, metrics = one_update(model_dir, SPLIT[rank], config, sharded, poison)
-        if rank == 0 or not sharded:  # sharded: the full weights are gathered to process 0 only
+        if rank == 0 or sharded in (False, "zero2"):  # sharded: the full weights are gathered to process 0 only
             torch.save((parameters, metrics), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -81,14 +85,25 @@ def free_port():
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def has_deepspeed():
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+NEEDS_DEEPSPEED = pytest.mark.skipif(not has_deepspeed(), reason="deepspeed is not installed (pip install deepspeed)")
+
+
+@pytest.mark.parametrize("sharded", [False, True, pytest.param("zero2", marks=NEEDS_DEEPSPEED),
+                                     pytest.param("zero3", marks=NEEDS_DEEPSPEED)],
+                         ids=["ddp", "fsdp", "zero2", "zero3"])
 def test_two_processes_match_one_process_on_the_combined_batch(models, tmp_path, sharded):
     # fkl, two PPO epochs, micro-batches and clipping: every place where a count or a mean could go wrong
     config = TrainConfig(divergence="fkl", lr=0.1, ppo_epochs=2, clip_eps=0.2, micro_batch_size=3, max_grad_norm=1.0)
     mp.spawn(worker, args=(2, free_port(), models["student"], str(tmp_path), config, sharded), nprocs=2, join=True)
     single, single_metrics = one_update(models["student"], slice(0, ROWS), config)
     start = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(models["student"]).named_parameters()}
-    for rank in range(1 if sharded else 2):
+    for rank in range(1 if sharded is True or sharded == "zero3" else 2):
         distributed, metrics = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert any(not torch.equal(distributed[name], start[name]) for name in start)  # it did move
         for name in single:
@@ -97,14 +112,16 @@ def test_two_processes_match_one_process_on_the_combined_batch(models, tmp_path,
         assert metrics["grad_norm"] > 1.0  # so the clipping acted
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("sharded", [False, True, pytest.param("zero2", marks=NEEDS_DEEPSPEED),
+                                     pytest.param("zero3", marks=NEEDS_DEEPSPEED)],
+                         ids=["ddp", "fsdp", "zero2", "zero3"])
 def test_non_finite_values_on_one_process_skip_the_update_on_all(models, tmp_path, sharded):
     # process 1 sees a NaN and runs fewer real micro-batches than process 0: nobody hangs, nobody updates
     config = TrainConfig(divergence="fkl", lr=0.1, micro_batch_size=3, max_grad_norm=1.0)
     mp.spawn(worker, args=(2, free_port(), models["student"], str(tmp_path), config, sharded, 1), nprocs=2,
              join=True)
     start = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(models["student"]).named_parameters()}
-    for rank in range(1 if sharded else 2):
+    for rank in range(2 if sharded in (False, "zero2") else 1):
         parameters, _ = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name in start:
             assert torch.equal(parameters[name], start[name]), name
@@ -175,10 +192,60 @@ def test_lora_under_fsdp_trains_like_ddp(tmp_path):
         torch.testing.assert_close(adapters["fsdp"][key], adapters["ddp"][key], rtol=0, atol=1e-5)
 
 
-def test_deepspeed_and_fsdp1_launch_configs_are_refused(models, tmp_path, monkeypatch, capsys):
+@NEEDS_DEEPSPEED
+def test_deepspeed_launch_configs_train_like_ddp(tmp_path):
+    runs, finals = {}, {}
+    for name in ("ddp", "deepspeed-zero2", "deepspeed-zero3"):
+        result = launch(f"{name}.yaml", tmp_path / name, "--steps", "2", env={"DS_ACCELERATOR": "cpu"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        if name != "ddp":
+            assert f"DeepSpeed ZeRO-{name[-1]} over 2 processes" in result.stdout
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        finals[name] = load_file(tmp_path / name / "final" / "model.safetensors")
+    for name in ("deepspeed-zero2", "deepspeed-zero3"):
+        assert [row["step"] for row in runs[name]] == [0, 1, 2]
+        for ddp, ours in zip(runs["ddp"], runs[name]):
+            for key in ("greedy_accuracy", "sample_accuracy", "response_length", "num_tokens"):
+                assert ours.get(key) == ddp.get(key), key
+            for key in ("loss", "reverse_kl", "grad_norm"):
+                assert ours.get(key, 0.0) == pytest.approx(ddp.get(key, 0.0), rel=1e-4, abs=1e-6), key
+        assert finals[name].keys() == finals["ddp"].keys()
+        for key in finals["ddp"]:
+            torch.testing.assert_close(finals[name][key], finals["ddp"][key], rtol=0, atol=5e-5)
+        # AdamW's state by parameter name, as DDP (and one process) write it
+        ours, ddp = (torch.load(tmp_path / run / "checkpoint-2" / "optimizer.pt", weights_only=True)
+                     for run in (name, "ddp"))
+        assert ours["state"].keys() == ddp["state"].keys()
+        for key, values in ddp["state"].items():
+            for field in ("step", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(ours["state"][key][field], values[field], rtol=0, atol=1e-6)
+    # resuming: ZeRO-2 continues as DDP does; ZeRO-3 refuses with one line and leaves the run as it was
+    for name in ("ddp", "deepspeed-zero2"):
+        result = launch(f"{name}.yaml", tmp_path / name, "--steps", "3", "--resume", env={"DS_ACCELERATOR": "cpu"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in runs["deepspeed-zero2"]] == [0, 1, 2, 3]
+    for key in ("loss", "reverse_kl", "grad_norm"):
+        assert runs["deepspeed-zero2"][3][key] == pytest.approx(runs["ddp"][3][key], rel=1e-4), key
+    before = (tmp_path / "deepspeed-zero3" / "metrics.jsonl").read_text()
+    result = launch("deepspeed-zero3.yaml", tmp_path / "deepspeed-zero3", "--steps", "3", "--resume",
+                    env={"DS_ACCELERATOR": "cpu"})
+    assert result.returncode != 0 and "--resume under DeepSpeed ZeRO-3 is not supported yet" in result.stderr
+    assert (tmp_path / "deepspeed-zero3" / "metrics.jsonl").read_text() == before
+    result = launch("ddp.yaml", tmp_path / "deepspeed-zero3", "--steps", "3", "--resume")  # its checkpoint, under DDP
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((tmp_path / "deepspeed-zero3" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "reverse_kl", "grad_norm"):
+        assert resumed[key] == pytest.approx(runs["ddp"][3][key], rel=1e-4), key
+
+
+def test_fsdp1_and_deepspeed_stage1_launch_configs_are_refused(models, tmp_path, monkeypatch, capsys):
     from opdplus.cli import main
 
-    for variables, expected in (({"ACCELERATE_USE_DEEPSPEED": "true"}, "asked for DeepSpeed"),
+    for variables, expected in (({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"},
+                                 "ZeRO stage 1"),
+                                ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"},
+                                 "offload_param_device: cpu"),
                                 ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1")):
         for variable, value in variables.items():
             monkeypatch.setenv(variable, value)

@@ -1,4 +1,4 @@
-"""Several processes under `accelerate launch`: data parallel (DDP) and sharded data parallel (FSDP2).
+"""Several processes under `accelerate launch`: data parallel (DDP), sharded (FSDP2, DeepSpeed ZeRO-2/3).
 
 DDP: every process holds the whole student; gradients are summed over processes (each loss is already divided
 by the step's global token count), so N processes make the update one process makes on the combined batch.
@@ -11,13 +11,21 @@ gather the full weights once (`full_weights`) and generate without collectives, 
 at different lengths; checkpoints gather full weights and optimizer state to process 0, in the same format as
 a single-process run (a run may resume with another number of processes).
 
+DeepSpeed ZeRO (`configs/accelerate/deepspeed-zero2.yaml`, `deepspeed-zero3.yaml`): the loss runs
+through a DeepSpeed engine around `PolicyScorer`, in fp32 with AdamW. The engine's gradient accumulation is
+unmanaged (every `engine.backward` accumulates, `engine.step` is the boundary), each loss is multiplied by the
+number of processes (DeepSpeed averages gradients; the trainer sums them), and DeepSpeed clips. A process that
+saw non-finite values back-propagates NaN, so DeepSpeed's own overflow check skips the step on every process.
+ZeRO-3 samples inside `deepspeed.zero.GatheredParameters`; checkpoints gather full weights and AdamW's state by
+parameter name, the single-process format (ZeRO-3 cannot load it back yet: --resume is refused there).
+
 The teacher is not sharded: it has no gradients or optimizer state; one too big for a device is served instead.
-DeepSpeed is refused: the trainer does not drive a DeepSpeed engine (TRL's trainer does, opdplus.integrations.trl).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -69,11 +77,21 @@ def broadcast_from_first_process(model: torch.nn.Module) -> None:
 
 
 def launch_sharding() -> str | None:
-    """"fsdp" when `accelerate launch` asked for FSDP, None for DDP or one process; DeepSpeed is refused."""
+    """"fsdp" or "deepspeed" when `accelerate launch` asked for FSDP or DeepSpeed, None for DDP or one process."""
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        raise ValueError("accelerate launch asked for DeepSpeed, which the opdplus trainer does not drive: use "
-                         "configs/accelerate/fsdp.yaml (sharded) or ddp.yaml, or opdplus.integrations.trl (TRL's "
-                         "trainer runs under DeepSpeed)")
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") != "none":
+            raise ValueError("accelerate launch named a DeepSpeed config file; the opdplus trainer builds its own "
+                             "DeepSpeed config: set zero_stage in the accelerate config instead "
+                             "(configs/accelerate/deepspeed-zero2.yaml, deepspeed-zero3.yaml)")
+        if zero_stage() not in (2, 3):
+            raise ValueError(f"accelerate launch asked for DeepSpeed ZeRO stage {zero_stage()}; the opdplus trainer "
+                             "runs ZeRO stage 2 or 3 (for 0 or 1 use configs/accelerate/ddp.yaml)")
+        for what in ("optimizer", "param"):  # not wired into the trainer's DeepSpeed config: refused, not ignored
+            device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what.upper()}_DEVICE", "none")
+            if device not in ("none", ""):
+                raise ValueError(f"accelerate launch asked for DeepSpeed offload_{what}_device: {device}, which the "
+                                 "opdplus trainer does not support yet: set it to none")
+        return "deepspeed"
     if _env_true("ACCELERATE_USE_FSDP"):
         if os.environ.get("FSDP_VERSION", "2") != "2":
             raise ValueError(f"accelerate launch asked for FSDP version {os.environ['FSDP_VERSION']}; the opdplus "
@@ -127,6 +145,8 @@ def describe_shards(policy) -> str:
     """One line on how the student is sharded, e.g. for the start of a run's log."""
     from torch.distributed.fsdp import FSDPModule
 
+    if is_deepspeed(policy):
+        return f"DeepSpeed ZeRO-{policy.zero_optimization_stage()} over {world()[1]} processes"
     units = sum(isinstance(module, FSDPModule) for module in policy.modules())
     local = sum(parameter.to_local().numel() for parameter in policy.parameters())
     total = sum(parameter.numel() for parameter in policy.parameters())
@@ -145,9 +165,15 @@ def _no_split_modules(model) -> list[str]:
 
 
 def is_sharded(module) -> bool:
+    """FSDP or a DeepSpeed engine: forward and backward passes are collectives, gradients are reduced in them."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(module, FSDPModule)
+    return isinstance(module, FSDPModule) or is_deepspeed(module)
+
+
+def is_deepspeed(module) -> bool:
+    return type(module).__name__ == "DeepSpeedEngine" or any(
+        cls.__name__ == "DeepSpeedEngine" for cls in type(module).__mro__)
 
 
 @contextlib.contextmanager
@@ -157,6 +183,10 @@ def full_weights(policy):
     All processes must enter it together."""
     from torch.distributed.fsdp import FSDPModule
 
+    if is_deepspeed(policy):
+        with _gathered(policy):
+            yield
+        return
     if not is_sharded(policy):
         yield
         return
@@ -175,6 +205,8 @@ def full_weights(policy):
 def checkpoint_state(policy, student, optimizer) -> tuple[dict | None, dict]:
     """(full weights or None when `student` holds them itself, optimizer state keyed by parameter name).
     Sharded: gathered to process 0 (the others get empty dicts); every process must call it."""
+    if is_deepspeed(policy):
+        return deepspeed_checkpoint_state(policy, student)
     if not is_sharded(policy):
         return None, get_optimizer_state_dict(student, optimizer)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -194,5 +226,136 @@ def load_optimizer_state(policy, student, optimizer, state: dict) -> None:
     if all(isinstance(key, int) for key in state["state"]):  # an older checkpoint: optimizer.state_dict()
         optimizer.load_state_dict(state)
         return
+    if is_deepspeed(policy):
+        load_deepspeed_optimizer_state(policy, student, state)
+        return
     options = StateDictOptions(full_state_dict=True) if is_sharded(policy) else None
     set_optimizer_state_dict(student, optimizer, state, options=options)
+
+
+# DeepSpeed ZeRO: see the module's docstring.
+
+def zero_stage() -> int:
+    """The ZeRO stage `accelerate launch` asked for (zero_stage in its DeepSpeed config; accelerate's default is 2)."""
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
+def deepspeed_config(max_grad_norm: float | None, stage: int | None = None) -> dict:
+    """fp32, no DeepSpeed-managed accumulation: the trainer calls engine.backward per micro-batch and engine.step
+    once per update. The batch sizes are DeepSpeed's required bookkeeping: the trainer feeds its own batches."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": float(max_grad_norm or 0.0),
+        "zero_optimization": {"stage": zero_stage() if stage is None else stage, "overlap_comm": False},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW (the tests: SGD)
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_engine(student: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
+                     stage: int | None = None):
+    """A DeepSpeed engine around PolicyScorer(student) and the trainer's optimizer (whose parameter groups,
+    and so the trainer's LR scheduler, DeepSpeed keeps using)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=PolicyScorer(student), optimizer=optimizer,
+                                      config=deepspeed_config(max_grad_norm, stage), dist_init_required=False)
+    return engine
+
+
+def deepspeed_backward(engine, loss: torch.Tensor, *, bad: bool = False) -> None:
+    """engine.backward with gradients summed over processes (DeepSpeed averages them); bad: back-propagate NaN,
+    so that DeepSpeed's overflow check skips the update on every process."""
+    engine.backward(loss * (math.nan if bad else world()[1]), scale_wrt_gas=False)
+
+
+def deepspeed_step(engine) -> tuple[bool, float]:
+    """(whether the update was applied, the gradient norm before clipping: inf when it was skipped)."""
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return engine.was_step_applied(), math.inf if norm is None else float(norm)
+
+
+@contextlib.contextmanager
+def _gathered(engine):
+    """ZeRO-3: every process gathers the full parameters, and ZeRO-3's module hooks (which would release and
+    gather them again around each layer's forward: collectives) are off inside the block; ZeRO-2: a no-op."""
+    if engine.zero_optimization_stage() < 3:
+        yield
+        return
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload  # DeepSpeed internals: its hooks, removed and set up again
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        offload._remove_module_hooks()
+        offload.forward_hooks.clear()
+        offload.backward_hooks.clear()
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()
+
+
+def deepspeed_checkpoint_state(engine, student) -> tuple[dict | None, dict]:
+    """Full weights (ZeRO-3; ZeRO-2 keeps them whole in `student`: None) and AdamW's state by parameter name
+    (as torch's get_optimizer_state_dict writes it), on process 0; every process must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    main = world()[0] == 0
+    named = _unique_named_parameters(student)
+    base = engine.optimizer.optimizer  # the torch AdamW on DeepSpeed's flat fp32 partitions
+    flat_state = next(iter(base.state.values()), {})  # empty before the first step (and for plain SGD)
+    keys = [key for key, value in flat_state.items() if torch.is_tensor(value) and value.dim() == 1]
+    state: dict = {}
+    for name, parameter in named:
+        if parameter.requires_grad and keys:
+            entry = {key: safe_get_full_optimizer_state(parameter, key).cpu() for key in keys}
+            if main:
+                state[name] = {"step": flat_state["step"].detach().clone().cpu(), **entry} if "step" in flat_state \
+                    else entry
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [name for name, parameter in named if parameter.requires_grad]}
+              for group in base.param_groups[:1]]
+    weights = None
+    if engine.zero_optimization_stage() == 3:
+        gathered = {name: safe_get_full_fp32_param(parameter) for name, parameter in named}
+        weights = {}
+        for name, parameter in student.named_parameters(remove_duplicate=False):
+            first = next(n for n, p in named if p is parameter)
+            weights[name] = gathered[first].cpu()
+        persistent = set(student.state_dict())  # not rotary inv_freq and other non-persistent buffers
+        weights.update({name: buffer.cpu() for name, buffer in student.named_buffers() if name in persistent})
+    if not main:
+        return ({} if weights is not None else None), {}
+    return weights, {"state": state, "param_groups": groups}
+
+
+def load_deepspeed_optimizer_state(engine, student, state: dict) -> None:
+    """AdamW's state by parameter name into DeepSpeed's partitions; every process must call it."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    base = engine.optimizer.optimizer
+    for group in base.param_groups:  # AdamW's state is made at its first step: make it now, on the partitions
+        for flat in group["params"]:
+            if flat not in base.state:
+                base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                    "exp_avg_sq": torch.zeros_like(flat)}
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-2 links it after a first step
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    steps = set()
+    for name, parameter in _unique_named_parameters(student):
+        if parameter.requires_grad and name in state["state"]:
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(parameter, state["state"][name][key], key)
+            steps.add(float(state["state"][name]["step"]))
+    for group in base.param_groups:  # one step count for every parameter: DeepSpeed's flat partitions share it
+        for flat in group["params"]:
+            if steps and flat in base.state:
+                base.state[flat]["step"] = torch.tensor(max(steps))
+
+
+def _unique_named_parameters(module) -> list[tuple[str, torch.nn.Parameter]]:
+    return list(module.named_parameters())

@@ -45,13 +45,18 @@ from opdplus.distributed import (
     all_reduce_gradients,
     broadcast_from_first_process,
     checkpoint_state,
+    deepspeed_backward,
+    deepspeed_engine,
+    deepspeed_step,
     describe_shards,
     full_weights,
+    is_deepspeed,
     is_sharded,
     launch_sharding,
     load_optimizer_state,
     shard,
     world,
+    zero_stage,
 )
 from opdplus.advantages import token_advantages
 from opdplus.divergences import get_divergence
@@ -71,9 +76,12 @@ class NonFiniteRunError(RuntimeError):
 def train(config: TrainConfig, *, progress: bool = True) -> dict:
     """Run (or resume) one training run; returns the last logged metrics."""
     config.validate()
-    sharding = launch_sharding()  # "fsdp" under an FSDP launch config, else None
+    sharding = launch_sharding()  # "fsdp" or "deepspeed" under such a launch config, else None
     if sharding and config.rollout_backend != "hf":
-        raise ValueError(f"--rollout-backend {config.rollout_backend} under FSDP is not supported: use ddp.yaml")
+        raise ValueError(f"--rollout-backend {config.rollout_backend} under {sharding} is not supported: use ddp.yaml")
+    if sharding == "deepspeed" and (config.lora_r or config.dtype != "float32"):
+        raise ValueError(f"{'--lora-r' if config.lora_r else '--dtype ' + config.dtype} under DeepSpeed is not "
+                         "supported yet (float32, all weights): use configs/accelerate/fsdp.yaml or ddp.yaml")
     out = Path(config.out)
     check_run_directory(out, resume=config.resume, overwrite=config.overwrite)
     task = config.make_task()
@@ -96,6 +104,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         prepare_run_directory(out, overwrite=config.overwrite)
 
     resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
+    if resume_from is not None and sharding == "deepspeed" and zero_stage() == 3:
+        raise ValueError(f"--resume under DeepSpeed ZeRO-3 is not supported yet: resume {out} with "
+                         "configs/accelerate/fsdp.yaml, deepspeed-zero2.yaml or ddp.yaml (checkpoints are the same)")
     if config.resume and resume_from is None and main_process:
         warnings.warn(f"--resume: no checkpoint in {out}, starting from step 0", stacklevel=2)
     if resume_from is not None and not config.lora_r:  # weights through safetensors, exactly as saved
@@ -111,12 +122,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
     student.eval()
     broadcast_from_first_process(student)
-    policy = shard(student) if sharding else student  # what the loss runs through; FSDP: the sharded student
-    if sharding and main_process:
-        tqdm.write(describe_shards(policy))
+    policy = shard(student) if sharding == "fsdp" else student  # what the loss runs through; FSDP: the sharded student
 
     trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    if sharding == "deepspeed":  # the engine partitions the optimizer's state (ZeRO-3: the weights too)
+        policy = deepspeed_engine(student, optimizer, config.max_grad_norm)
+    if sharding and main_process:
+        tqdm.write(describe_shards(policy))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     start_step = 0
     if resume_from:
@@ -286,7 +299,11 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
             teacher_logprobs, clock) -> tuple[dict, list[int], torch.Tensor]:
     rows = input_ids.shape[0]
     micro = config.micro_batch_size or rows
-    policy = student if isinstance(student, PolicyScorer) else PolicyScorer(student)
+    policy = student if isinstance(student, PolicyScorer) or is_deepspeed(student) else PolicyScorer(student)
+    deepspeed = is_deepspeed(policy)
+
+    def backward(loss, bad=False):  # DeepSpeed: through the engine, gradients summed over processes
+        deepspeed_backward(policy, loss, bad=bad) if deepspeed else (loss.mul(0) if bad else loss).backward()
     # the token count of the whole step, over micro-batches and processes: neither changes the gradient
     num_tokens = int(all_reduce(mask.sum().double()).clamp(min=1))
     begins: list[int | None] = list(range(0, rows, micro))
@@ -298,7 +315,7 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
         parts, bad_rows = [], []
         for begin in begins:
             if begin is None:  # a pass that adds nothing, to take part in the other processes' collectives
-                policy(input_ids[:1], attention_mask[:1], prompt_length).sum().mul(0).backward()
+                backward(policy(input_ids[:1], attention_mask[:1], prompt_length).sum().mul(0))
                 continue
             batch = slice(begin, begin + micro)
             with clock("student_forward"):
@@ -307,7 +324,7 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
             if not finite.all():
                 bad_rows += [begin + row for row in (~finite.all(-1)).nonzero().flatten().tolist()]
                 if is_sharded(policy):  # the update is skipped anyway; the collectives must still match
-                    logprobs.sum().mul(0).backward()
+                    backward(logprobs.sum(), bad=True)
                 continue
             loss, metrics = opd_loss(
                 logprobs, teacher_logprobs[batch], mask[batch], divergence=config.divergence,
@@ -318,16 +335,25 @@ def _update(student, optimizer, scheduler, config, input_ids, attention_mask, pr
             if not torch.isfinite(loss):  # e.g. an unclipped fkl/chi2 weight overflowing
                 bad_rows += list(range(begin, min(begin + micro, rows)))
                 if is_sharded(policy):
-                    loss.mul(0).backward()
+                    backward(loss, bad=True)
                 continue
             if epoch == 0:
                 behavior_logprobs[batch] = logprobs.detach()
             with clock("backward"):
-                loss.backward()
+                backward(loss)
             parts.append(metrics)
         # data parallel: sum the gradients (each process's loss is already divided by the global token
         # count) and skip the update everywhere if any process saw non-finite values
         bad_anywhere = all_reduce_gradients(policy, bad=bool(bad_rows))
+        if deepspeed:  # DeepSpeed clips and steps, and skips the step when a gradient is not finite
+            with clock("optimizer"):
+                applied, grad_norm = deepspeed_step(policy)
+            if parts and epoch == 0:
+                first_metrics = {**combine(parts), "grad_norm": grad_norm}
+            if not applied:
+                return first_metrics, bad_rows or list(range(rows)), behavior_logprobs
+            scheduler.step()
+            continue
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm or math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         if parts and epoch == 0:
