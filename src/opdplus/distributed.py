@@ -202,23 +202,38 @@ def full_weights(policy):
             unit.set_reshard_after_forward(_reshard_after_forward(), recurse=False)
 
 
-def checkpoint_state(policy, student, optimizer) -> tuple[dict | None, dict]:
-    """(full weights or None when `student` holds them itself, optimizer state keyed by parameter name).
-    Sharded: gathered to process 0 (the others get empty dicts); every process must call it."""
+def gathered_weights(policy, student) -> dict | None:
+    """The student's full weights when `student` holds only a shard of them (FSDP, ZeRO-3), gathered to process
+    0 (the others get empty dicts); None when it holds them whole. Every process must call it."""
     if is_deepspeed(policy):
-        return deepspeed_checkpoint_state(policy, student)
+        return deepspeed_weights(policy, student)
     if not is_sharded(policy):
-        return None, get_optimizer_state_dict(student, optimizer)
+        return None
+    return _tie(student, get_model_state_dict(student, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True)))
+
+
+def checkpoint_state(policy, student, optimizer) -> tuple[dict | None, dict]:
+    """(gathered_weights, optimizer state keyed by parameter name). Sharded: gathered to process 0 (the others
+    get empty dicts); every process must call it."""
+    weights = gathered_weights(policy, student)
+    if is_deepspeed(policy):
+        return weights, deepspeed_optimizer_state(policy, student)
+    if not is_sharded(policy):
+        return weights, get_optimizer_state_dict(student, optimizer)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(student, options=options)
+    return weights, get_optimizer_state_dict(student, optimizer, options=options)
+
+
+def _tie(student, weights: dict) -> dict:
+    """Gathered tied weights (embeddings and LM head) come back as separate copies: make each alias the first
+    name's tensor again, so that save_pretrained stores it once, as an unsharded model's would be."""
     first_name: dict[int, str] = {}
     for name, parameter in student.named_parameters(remove_duplicate=False):
-        # tied weights (embeddings and LM head) come back as separate copies: one tensor again, so that
-        # save_pretrained stores it once, as an unsharded model's would be
         first = first_name.setdefault(id(parameter), name)
         if weights and first != name:
             weights[name] = weights[first]
-    return weights, get_optimizer_state_dict(student, optimizer, options=options)
+    return weights
 
 
 def load_optimizer_state(policy, student, optimizer, state: dict) -> None:
@@ -299,13 +314,27 @@ def _gathered(engine):
             offload.setup_zero_stage3_hooks()
 
 
-def deepspeed_checkpoint_state(engine, student) -> tuple[dict | None, dict]:
-    """Full weights (ZeRO-3; ZeRO-2 keeps them whole in `student`: None) and AdamW's state by parameter name
-    (as torch's get_optimizer_state_dict writes it), on process 0; every process must call it."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+def deepspeed_weights(engine, student) -> dict | None:
+    """Full weights on process 0 (the others: {}) under ZeRO-3; None under ZeRO-2, which keeps them whole in
+    `student`. Every process must call it."""
+    if engine.zero_optimization_stage() < 3:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = _tie(student, {name: safe_get_full_fp32_param(parameter).cpu()
+                             for name, parameter in student.named_parameters()})
+    persistent = set(student.state_dict())  # not rotary inv_freq and other non-persistent buffers
+    weights.update({name: buffer.cpu() for name, buffer in student.named_buffers() if name in persistent})
+    return weights if world()[0] == 0 else {}
+
+
+def deepspeed_optimizer_state(engine, student) -> dict:
+    """AdamW's state by parameter name (as torch's get_optimizer_state_dict writes it) on process 0 (the others:
+    {}); every process must call it."""
+    from deepspeed.utils import safe_get_full_optimizer_state
 
     main = world()[0] == 0
-    named = _unique_named_parameters(student)
+    named = list(student.named_parameters())
     base = engine.optimizer.optimizer  # the torch AdamW on DeepSpeed's flat fp32 partitions
     flat_state = next(iter(base.state.values()), {})  # empty before the first step (and for plain SGD)
     keys = [key for key, value in flat_state.items() if torch.is_tensor(value) and value.dim() == 1]
@@ -319,18 +348,7 @@ def deepspeed_checkpoint_state(engine, student) -> tuple[dict | None, dict]:
     groups = [{**{k: v for k, v in group.items() if k != "params"},
                "params": [name for name, parameter in named if parameter.requires_grad]}
               for group in base.param_groups[:1]]
-    weights = None
-    if engine.zero_optimization_stage() == 3:
-        gathered = {name: safe_get_full_fp32_param(parameter) for name, parameter in named}
-        weights = {}
-        for name, parameter in student.named_parameters(remove_duplicate=False):
-            first = next(n for n, p in named if p is parameter)
-            weights[name] = gathered[first].cpu()
-        persistent = set(student.state_dict())  # not rotary inv_freq and other non-persistent buffers
-        weights.update({name: buffer.cpu() for name, buffer in student.named_buffers() if name in persistent})
-    if not main:
-        return ({} if weights is not None else None), {}
-    return weights, {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": groups} if main else {}
 
 
 def load_deepspeed_optimizer_state(engine, student, state: dict) -> None:
@@ -346,7 +364,7 @@ def load_deepspeed_optimizer_state(engine, student, state: dict) -> None:
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-2 links it after a first step
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     steps = set()
-    for name, parameter in _unique_named_parameters(student):
+    for name, parameter in student.named_parameters():
         if parameter.requires_grad and name in state["state"]:
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(parameter, state["state"][name][key], key)
@@ -355,7 +373,3 @@ def load_deepspeed_optimizer_state(engine, student, state: dict) -> None:
         for flat in group["params"]:
             if steps and flat in base.state:
                 base.state[flat]["step"] = torch.tensor(max(steps))
-
-
-def _unique_named_parameters(module) -> list[tuple[str, torch.nn.Parameter]]:
-    return list(module.named_parameters())

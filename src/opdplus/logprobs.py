@@ -104,8 +104,7 @@ def shared_prompt_logprobs(
     decoder = model.get_decoder()
     cache_name = None
     if decoder is not None and decoder is not model and model.get_output_embeddings() is not None:
-        parameters = inspect.signature(decoder.forward).parameters  # renamed in transformers 5.x
-        cache_name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
+        cache_name = cache_argument(decoder)
     cache = DynamicCache(config=decoder.config) if cache_name else None
     prompt_positions = position_ids_from_mask(prompt_mask)
     if cache is not None:
@@ -125,6 +124,13 @@ def shared_prompt_logprobs(
     # the state before token t predicts token t: the prompt's last state predicts the first response token
     hidden = torch.cat([prefix[prompt_index, -1:], hidden[:, :-1]], 1)
     return _head_logprobs(model, hidden, response_ids, max_logit_elements)
+
+
+def cache_argument(module: torch.nn.Module) -> str | None:
+    """The name under which `module.forward` takes a KV cache ("cache" since transformers 5.x, before that
+    "past_key_values"), or None when it takes none."""
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def _full_logits_logprobs(model, input_ids, attention_mask, position_ids, start) -> Tensor:

@@ -14,7 +14,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from opdplus.logprobs import position_ids_from_mask
+from opdplus.logprobs import cache_argument, position_ids_from_mask
 
 
 def generate(
@@ -42,8 +42,7 @@ def generate(
 def _generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, greedy):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs to it
     parameters = inspect.signature(inner.forward).parameters
-    cache_name = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x
-    kwargs = {cache_name: DynamicCache(config=model.config), "use_cache": True}
+    kwargs = {cache_argument(inner) or "past_key_values": DynamicCache(config=model.config), "use_cache": True}
     if "logits_to_keep" in parameters:
         kwargs["logits_to_keep"] = 1  # the LM head on the last position only, also in the prefill
 

@@ -50,6 +50,7 @@ from opdplus.distributed import (
     deepspeed_step,
     describe_shards,
     full_weights,
+    gathered_weights,
     is_deepspeed,
     is_sharded,
     launch_sharding,
@@ -234,7 +235,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
     log.close()
     teachers.close()
-    weights = checkpoint_state(policy, student, optimizer)[0] if sharding else None
+    weights = gathered_weights(policy, student)  # every process takes part; None unless sharded
     if main_process:  # a plain Hugging Face model directory; LoRA adapters are merged into the weights
         if sharding and config.lora_r:  # merging needs whole matrices: an unsharded copy takes the gathered weights
             student = with_lora(load_model_and_tokenizer(config.student, dtype=dtype)[0], config, None)
