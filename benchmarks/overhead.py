@@ -15,10 +15,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from common import report
-from opdplus import token_advantages
-from opdplus.config import TrainConfig
+from opdplus import Objective, token_advantages
 from opdplus.logprobs import token_logprobs
-from opdplus.trainer import lr_lambda, update
+from opdplus.parallel import SingleProcess
+from opdplus.rollout import Rollouts
+from opdplus.trainer import optimize
 
 
 def model(seed: int, layers: int, hidden: int, vocab: int) -> LlamaForCausalLM:
@@ -42,17 +43,21 @@ def main() -> None:
     lengths = torch.randint(response_length // 2, response_length + 1, (rows,), generator=generator)
     mask = torch.arange(response_length)[None] < lengths[:, None]
 
+    rollouts = Rollouts(input_ids=input_ids, attention_mask=attention_mask, prompt_length=prompt_length,
+                        response_mask=mask, completions=[""] * rows, prompt_index=list(range(rows)))
+    strategy = SingleProcess()
+    strategy.wrap(student)
     times = {"opd": [], "opd+": []}
     for repeat in range(repeats + 2):  # the first two rounds warm up
         for estimator in (("opd", "opd+") if repeat % 2 == 0 else ("opd+", "opd")):
-            config = TrainConfig(divergence="fkl", estimator=estimator, lr=1e-6, log_ratio_clip=10.0)
-            optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+            objective = Objective("fkl", estimator, log_ratio_clip=10.0)
+            optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
+            strategy.attach_optimizer(optimizer, 1.0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
             started = time.perf_counter()
             with torch.no_grad():
                 teacher_logprobs = token_logprobs(teacher, input_ids, attention_mask, start=prompt_length)
-            update(student, optimizer, scheduler, config, input_ids, attention_mask, prompt_length, mask,
-                   teacher_logprobs)
+            optimize(strategy, optimizer, scheduler, objective, rollouts, teacher_logprobs)
             if repeat >= 2:
                 times[estimator].append(time.perf_counter() - started)
     opd, plus = statistics.median(times["opd"]), statistics.median(times["opd+"])

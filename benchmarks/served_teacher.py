@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from common import report
 from transformers import LlamaForCausalLM
+from vllm_server import VLLMServer
 
 from opdplus.teachers import get_teacher
-from opdplus.teachers.launch import VLLMServer
-from opdplus.tiny.models import ASSETS_DIR, tiny_config
-from opdplus.tiny.tokenizer import build_char_tokenizer
+from opdplus.teachers.sequences import from_sequences
+from opdplus.tiny import ASSETS_DIR, build_char_tokenizer, tiny_config
 
 
 def teacher_directory(workdir: str) -> tuple[str, str]:
@@ -66,6 +66,7 @@ def main() -> None:
                      for _ in range(rows)]
         starts = [prompt_length] * rows  # the teacher scores the response tokens
         scored_tokens = sum(len(ids) - begin for ids, begin in zip(sequences, starts))
+        batch = from_sequences(sequences, starts)  # laid out as the trainer's rollouts are
 
         server = VLLMServer(model_dir, python=args.vllm_python, max_model_len=max_model_len,
                             log_path=str(Path(workdir) / "server.log"))
@@ -86,7 +87,7 @@ def main() -> None:
                     torch.set_num_threads(threads)
                     bytes_before = served.client.bytes_received
                     began = time.perf_counter()
-                    scores = teacher.token_logprobs(sequences, starts)
+                    scores = teacher.score(batch)  # [rows, response_length]
                     elapsed = time.perf_counter() - began
                     if repeat:
                         times[key].append(elapsed)
@@ -99,7 +100,7 @@ def main() -> None:
         finally:
             server.stop()
 
-    difference = max((a - b).abs().max().item() for a, b in zip(served_scores, local_scores))
+    difference = (served_scores - local_scores).abs().max().item()
     median = {key: statistics.median(values) for key, values in times.items()}
     best_local = min(median["local"], median["local_1_thread"])
     report("served_teacher", median["served"] / best_local, "report",

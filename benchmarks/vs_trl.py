@@ -44,8 +44,8 @@ from opdplus.config import TrainConfig
 from opdplus.demo import read_metrics
 from opdplus.rollout import render_prompt
 from opdplus.tasks import get_task
-from opdplus.tiny.models import load_model_and_tokenizer, resolve_model, tiny_config
-from opdplus.tiny.tokenizer import build_char_tokenizer
+from opdplus.models import load_model_and_tokenizer, resolve_model
+from opdplus.tiny import build_char_tokenizer, tiny_config
 from opdplus.trainer import train
 
 TASK = "arith"

@@ -28,10 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never 
 import torch
 from transformers import LlamaForCausalLM
 
-from opdplus.rollout import evaluate, render_prompt
+from opdplus.rollout import render_prompt
+from opdplus.rollout.evaluation import evaluate
 from opdplus.tasks import get_task
-from opdplus.tiny import build_char_tokenizer, load_model_and_tokenizer, tiny_config
-from opdplus.tiny.models import ASSETS_DIR
+from opdplus.models import load_model_and_tokenizer
+from opdplus.tiny import ASSETS_DIR, build_char_tokenizer, tiny_config
 
 TASKS = ("arith", "toolcall")
 N_TEST = 500
@@ -202,7 +203,7 @@ def write_summary(seed: int) -> dict:
         "",
         "Character-level Llama models for CPU-sized on-policy distillation experiments,",
         "produced by `scripts/make_tiny_models.py` (SFT on gold responses). Load with",
-        "`opdplus.tiny.load_model_and_tokenizer('tiny:<name>')`.",
+        "`opdplus.models.load_model_and_tokenizer('tiny:<name>')`.",
         "",
         f"Accuracy: greedy, on {N_TEST} held-out test problems; avg@4: four temperature-1 samples each.",
         f"Students are stopped at the first evaluation (every 25 steps) with greedy accuracy in "

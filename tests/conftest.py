@@ -1,11 +1,18 @@
-"""Shared fixtures: tiny random student and teacher made on the spot (no hub, no committed weights)."""
+"""Shared fixtures: tiny random student and teacher made on the spot (no hub, no committed weights).
+
+benchmarks/ goes on the import path: tests start vLLM servers with its `vllm_server` helper, as benchmarks do.
+"""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from opdplus.tiny.models import tiny_config
-from opdplus.tiny.tokenizer import build_char_tokenizer
+from opdplus.tiny import build_char_tokenizer, tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from opdplus.config import TrainConfig
-from opdplus.distributed import checkpoint_state, deepspeed_engine, load_optimizer_state, shard
-from opdplus.tiny.models import resolve_model
-from opdplus.trainer import lr_lambda, update
+from opdplus.objective import Objective
+from opdplus.parallel import SingleProcess, make_strategy
+from opdplus.rollout import Rollouts
+from opdplus.run import lr_lambda
+from opdplus.models import resolve_model
+from opdplus.trainer import optimize
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, PROMPT, RESPONSE = 8, 5, 7
@@ -49,20 +52,25 @@ def one_update(model_dir, rows, config, sharded=False, poison=None):
     "zero2" / "zero3" (DeepSpeed). poison: None, no NaN anywhere; True, a NaN teacher log-prob in this process's
     first row; False, one in another process's: the update is skipped."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    policy = shard(model) if sharded is True else model
+    strategy = make_strategy({False: None, True: "fsdp"}.get(sharded, "deepspeed"),
+                             stage=int(sharded[-1]) if isinstance(sharded, str) else None)
+    strategy.wrap(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    if sharded in ("zero2", "zero3"):
-        policy = deepspeed_engine(model, optimizer, config.max_grad_norm, stage=int(sharded[-1]))
+    strategy.attach_optimizer(optimizer, config.max_grad_norm)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     input_ids, attention_mask, mask, teacher_logprobs = (t[rows] for t in batch())
     if poison:
         teacher_logprobs = teacher_logprobs.clone()
         teacher_logprobs[0, 0] = math.nan
-    metrics, bad_rows, _ = update(policy, optimizer, scheduler, config, input_ids, attention_mask, PROMPT, mask,
-                                  teacher_logprobs)
-    assert bool(bad_rows) == (poison is not None)
-    weights = (checkpoint_state(policy, model, optimizer)[0] if sharded else None) or dict(model.named_parameters())
-    return {name: tensor.detach().clone() for name, tensor in weights.items()}, metrics
+    rollouts = Rollouts(input_ids=input_ids, attention_mask=attention_mask, prompt_length=PROMPT, response_mask=mask,
+                        completions=[""] * len(input_ids), prompt_index=list(range(len(input_ids))))
+    objective = Objective(config.divergence, config.estimator, gamma=config.gamma,
+                          log_ratio_clip=config.log_ratio_clip, clip_eps=config.clip_eps)
+    update = optimize(strategy, optimizer, scheduler, objective, rollouts, teacher_logprobs,
+                      ppo_epochs=config.ppo_epochs, micro_batch_size=config.micro_batch_size)
+    assert bool(update.bad_rows) == (poison is not None)
+    weights = (strategy.checkpoint_state()[0] if sharded else None) or dict(model.named_parameters())
+    return {name: tensor.detach().clone() for name, tensor in weights.items()}, update.metrics
 
 
 def worker(rank, world_size, port, model_dir, out_dir, config, sharded, poisoned_rank=None):
@@ -266,11 +274,15 @@ def test_optimizer_state_by_parameter_name_and_older_checkpoints_load(models):
     model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
     optimizer.step()
     expected = optimizer.state_dict()["state"]
-    _, by_name = checkpoint_state(model, model, optimizer)
+    strategy = SingleProcess()
+    strategy.wrap(model)
+    strategy.attach_optimizer(optimizer, None)
+    _, by_name = strategy.checkpoint_state()
     assert set(by_name["state"]) == {name for name, _ in model.named_parameters()}
     for state in (by_name, optimizer.state_dict()):
         fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        load_optimizer_state(model, model, fresh, state)
+        strategy.attach_optimizer(fresh, None)
+        strategy.load_optimizer_state(state)
         for index, values in fresh.state_dict()["state"].items():
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(values[key], expected[index][key], rtol=0, atol=0)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from opdplus.rollout.evaluation import avg_at_k, pass_at_k
 from opdplus.tasks.data import load_records, sample_cycled
-from opdplus.tasks.math import MathTask, avg_at_k, extract_reference, is_correct, pass_at_k
+from opdplus.tasks.math import MathTask, extract_reference, is_correct
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K = str(FIXTURES / "gsm8k_mini.jsonl")

@@ -13,9 +13,9 @@ from opdplus.cli import main
 from opdplus.config import TrainConfig
 from opdplus.rollout import render_prompt
 from opdplus.tasks import get_task
-from opdplus.teachers import LocalTeacher
+from opdplus.teachers import LocalTeacher, TokenRows, score_sequences
 from opdplus.teachers.routing import TeacherRouter
-from opdplus.tiny.models import tiny_config
+from opdplus.tiny import tiny_config
 from opdplus.tiny.tokenizer import build_char_tokenizer
 from opdplus.trainer import train
 
@@ -115,11 +115,11 @@ def test_router_scores_each_row_with_its_own_teacher(real_models):
     response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     attention_mask[:, 6:] = response_mask.long()
     routes = [None, "b", "b", None]
-    scores = router.score(input_ids, attention_mask, response_mask, routes)
+    scores = router.score(TokenRows(input_ids, attention_mask, prompt_length=6), routes)
     for row, route in enumerate(routes):
         tokens = input_ids[row][attention_mask[row].bool()].tolist()
         start = len(tokens) - int(response_mask[row].sum())
-        expected = teachers["teacher2" if route else "teacher"].token_logprobs([tokens], [start])[0]
+        expected = score_sequences(teachers["teacher2" if route else "teacher"], [tokens], [start])[0]
         torch.testing.assert_close(scores[row, : len(expected)], expected)
     with pytest.raises(ValueError, match="not configured: c"):
         router.check_routes({None, "b", "c"})

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from opdplus.config import TrainConfig, load_yaml_config
+from opdplus.cli import load_yaml_config
+from opdplus.config import TrainConfig
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

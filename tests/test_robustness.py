@@ -29,13 +29,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from vllm_server import free_port
 
 from opdplus.cli import main
 from opdplus.rollout import render_prompt
 from opdplus.tasks import get_task
-from opdplus.teachers.launch import free_port
-from opdplus.tiny.models import tiny_config
-from opdplus.tiny.tokenizer import build_char_tokenizer
+from opdplus.tiny import build_char_tokenizer, tiny_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = ["--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8", "--eval-every", "0",
@@ -346,7 +345,8 @@ def check_no_code_ran(env) -> None:
 
 
 def call_tool_parser(env) -> None:
-    from opdplus.tasks.tooluse import check_calls, parse_calls
+    from opdplus.tasks.tooluse import check_calls
+    from opdplus.tools import parse_calls
 
     marker = env.tmp / "MARKER"  # the cwd is env.tmp, so `touch MARKER` would land here
     payloads = [
@@ -611,3 +611,42 @@ def _run_case(case: Case, env, capsys) -> None:
         assert not list(Path(root).rglob(".*.tmp-*")) if Path(root).is_dir() else True, "temporary files left"
     if case.check:
         case.check(env)
+
+
+# ---- settings: flags over the --config file, and --help ----------------------------------------------------------
+
+
+def test_flags_override_the_config_file(tmp_path, monkeypatch):
+    """A --config file's settings replace the defaults; flags on the command line win wherever they stand."""
+    seen = []
+    monkeypatch.setattr("opdplus.trainer.train", lambda config, progress: seen.append(config) or {"step": 0})
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 7\nlr: 0.5\nmax_grad_norm: 2\ntensorboard: false\nteachers:\n  other: tiny:arith-teacher\n")
+    assert main(["train", "--steps", "3", "--config", str(path), "--max-grad-norm", "off", "--lr", "nan",
+                 "--out", str(tmp_path / "run")]) == 0
+    config = seen[0]
+    assert (config.steps, config.max_grad_norm, config.tensorboard) == (3, None, False)
+    assert config.lr != config.lr  # nan reaches TrainConfig.validate(), which refuses it by name
+    assert config.teachers == {"other": "tiny:arith-teacher"}
+
+
+def test_train_help_says_what_each_setting_does_by_group(capsys):
+    import dataclasses
+
+    from opdplus.config import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    text, packed = " ".join(out.split()), "".join(out.split())  # help wraps lines, also at hyphens
+    fields = dataclasses.fields(TrainConfig)
+    titles = list(dict.fromkeys(field.metadata["group"] for field in fields))
+    assert [line[:-1] for line in out.splitlines() if line[:-1] in titles] == titles  # group headings, in order
+    for field in fields:
+        sentence = field.metadata["help"]
+        assert sentence.endswith("."), (field.name, sentence)
+        if field.name != "teachers":  # several teachers: a mapping, YAML only
+            flag = f"--{field.name.replace('_', '-')}"
+            assert f"{flag} " in text or f"{flag}, --no-" in text
+            assert "".join(sentence.split()) in packed, sentence

@@ -6,9 +6,12 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from opdplus.rollout import evaluate, render_prompt, sample
+from opdplus.models import load_model_and_tokenizer, resolve_model
+from opdplus.rollout import render_prompt
+from opdplus.rollout.evaluation import evaluate
+from opdplus.rollout.hf import sample
 from opdplus.tasks import get_task
-from opdplus.tiny import TINY_MODELS, build_char_tokenizer, load_model_and_tokenizer, resolve_model, tiny_config
+from opdplus.tiny import TINY_MODELS, build_char_tokenizer, tiny_config
 
 PROMPTS = ["1+2=", "weather in kalomi?", "ab"]  # different lengths, so left padding shows
 

@@ -15,7 +15,7 @@ from transformers import (
 
 from opdplus.logprobs import token_logprobs
 from opdplus.rollout import left_pad, mask_through_first_eos
-from opdplus.sampler import generate
+from opdplus.rollout.sampler import generate
 
 VOCAB, PAD, EOS = 101, 0, [1, 2]
 # A fifth of the vocabulary ends a response, so that rows finish at different steps within a few tokens.

@@ -95,3 +95,25 @@ def test_arith_with_subtraction():
     assert any(example.reference < 0 for example in examples)
     assert all(task.verify(example.response, example) for example in examples)
     assert max(len(example.response) for example in examples) + 1 <= task.max_new_tokens
+
+
+def test_tasks_declare_their_tools_turns_and_files():
+    """The abilities a trainer or evaluation relies on are declared by every task, not found by probing."""
+    from pathlib import Path
+
+    from opdplus.tasks.withtools import WithTools
+    from opdplus.tools import load_tools
+
+    fixtures = Path(__file__).parent / "fixtures"
+    single_turn = {"arith": get_task("arith"), "toolcall": get_task("toolcall"), "mix": get_task("mix"),
+                   "math": get_task("math", data=str(fixtures / "gsm8k_mini.jsonl")),
+                   "tooluse": get_task("tooluse", data=str(fixtures / "bfcl_mini.json"))}
+    for name, task in single_turn.items():
+        assert (task.toolbox, task.max_turns, task.reads_files) == (None, 1, name in ("math", "tooluse")), name
+    toolbox = load_tools("arithmetic")
+    with_tools = WithTools(single_turn["math"], toolbox, max_turns=3)
+    assert (with_tools.toolbox, with_tools.max_turns, with_tools.reads_files) == (toolbox, 3, True)
+    records = with_tools.load("train")  # every record once, in file order, offered the tools
+    assert [r.prompt for r in records] == [r.prompt for r in single_turn["math"].load("train")]
+    assert all(r.tools == tuple(toolbox.schemas) for r in records)
+    assert not WithTools(single_turn["arith"], toolbox).reads_files

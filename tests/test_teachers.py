@@ -1,5 +1,6 @@
 """Teachers: the local one against `token_logprobs`, the served clients against a fake in-process server that
-answers in vLLM's and SGLang's documented shapes (and misbehaves on demand)."""
+answers in vLLM's and SGLang's documented shapes (and misbehaves on demand). Token lists are scored through
+`score_sequences`, which lays them out as rollouts for `Teacher.score`."""
 
 import json
 import random
@@ -12,8 +13,18 @@ import pytest
 import torch
 
 from opdplus.logprobs import token_logprobs
-from opdplus.teachers import LocalTeacher, SGLangTeacher, Teacher, TeacherUnavailableError, VLLMTeacher, get_teacher
-from opdplus.tiny.tokenizer import build_char_tokenizer
+from opdplus.teachers import (
+    LocalTeacher,
+    SGLangTeacher,
+    Teacher,
+    TeacherUnavailableError,
+    VLLMTeacher,
+    get_teacher,
+    score_sequences,
+)
+from opdplus.teachers.routing import TeacherRouter
+from opdplus.teachers.sequences import from_sequences
+from opdplus.tiny import build_char_tokenizer
 
 FAST = {"backoff": 0.01, "max_retries": 2, "timeout": 5.0}  # retries without slowing the suite
 
@@ -35,7 +46,7 @@ def local(models):
 
 def test_local_teacher_equals_token_logprobs_per_sequence(local):
     sequences, starts = random_sequences(10, len(local.tokenizer))
-    scores = local.token_logprobs(sequences, starts)
+    scores = score_sequences(local, sequences, starts)
     for ids, begin, score in zip(sequences, starts, scores):
         assert score.dtype == torch.float32 and score.shape == (len(ids) - begin,)
         if begin == len(ids):
@@ -54,27 +65,27 @@ def test_local_teacher_scores_samples_of_one_prompt_as_if_scored_apart(models, t
     responses, _ = random_sequences(12, len(teacher.tokenizer), seed=2, min_len=1, max_len=9)
     sequences = [prompts[row % 4] + response for row, response in enumerate(responses)]
     starts = [len(prompts[row % 4]) for row in range(12)]
-    shared = teacher.token_logprobs(sequences, starts)
+    shared = score_sequences(teacher, sequences, starts)
     for ids, begin, score in zip(sequences, starts, shared):
-        alone = teacher.token_logprobs([ids], [begin])[0]  # one row: no prompt to share
+        alone = score_sequences(teacher, [ids], [begin])[0]  # one row: no prompt to share
         assert score.shape == alone.shape
         torch.testing.assert_close(score, alone, atol=2e-5, rtol=0)
 
 
 def test_local_teacher_start_handling(local):
     sequences = [[5, 6, 7, 8], [9, 10]]
-    default = local.token_logprobs(sequences)
+    default = score_sequences(local, sequences)
     assert [len(score) for score in default] == [3, 1]
-    later = local.token_logprobs(sequences, [3, 2])
+    later = score_sequences(local, sequences, [3, 2])
     assert [len(score) for score in later] == [1, 0]
     torch.testing.assert_close(later[0], default[0][2:])
     with pytest.raises(ValueError, match="start must be in"):
-        local.token_logprobs(sequences, [0, 1])
+        score_sequences(local, sequences, [0, 1])
     with pytest.raises(ValueError, match="start must be in"):
-        local.token_logprobs(sequences, [1, 3])
+        score_sequences(local, sequences, [1, 3])
     with pytest.raises(ValueError, match="2 sequences"):
-        local.token_logprobs(sequences, [1])
-    assert local.token_logprobs([]) == []
+        score_sequences(local, sequences, [1])
+    assert score_sequences(local, []) == []
 
 
 def test_local_teacher_is_frozen(local):
@@ -88,7 +99,7 @@ def test_local_teacher_temperature_divides_logits(models):
     with torch.no_grad():
         logits = tempered.model(torch.tensor([ids])).logits[0, :-1].float() / 2.0
     expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
-    torch.testing.assert_close(tempered.token_logprobs([ids])[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(score_sequences(tempered, [ids])[0], expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="positive"):
         get_teacher(models["teacher"], temperature=0.0)
 
@@ -209,12 +220,30 @@ def assert_one_line_naming(error, url):
     assert url in message and "\n" not in message, message
 
 
+def test_router_scores_a_rollouts_batch_into_one_tensor(local, server):
+    # samples of prompts of different lengths, responses of different lengths (one empty), two teachers
+    served = get_teacher(server.url, batch_size=2, **FAST)
+    prompts, _ = random_sequences(3, len(local.tokenizer), seed=3, min_len=1, max_len=9)
+    responses, _ = random_sequences(9, len(local.tokenizer), seed=4, min_len=1, max_len=11)
+    responses[4] = []  # nothing to score
+    sequences = [prompts[row // 3] + response for row, response in enumerate(responses)]
+    starts = [len(prompts[row // 3]) for row in range(9)]
+    rollouts = from_sequences(sequences, starts, pad_id=local.pad_id)
+    routes = ["far" if row % 4 == 1 else None for row in range(9)]
+    scores = TeacherRouter({"default": local, "far": served}).score(rollouts, routes)
+    assert scores.dtype == torch.float32 and scores.shape == (9, rollouts.input_ids.shape[1] - rollouts.prompt_length)
+    for row, (ids, begin) in enumerate(zip(sequences, starts)):
+        alone = score_sequences(served if routes[row] else local, [ids], [begin])[0]
+        torch.testing.assert_close(scores[row, : len(alone)], alone, atol=2e-5, rtol=0)
+        assert (scores[row, len(alone) :] == 0).all()
+
+
 @pytest.mark.parametrize("api", ["vllm", "sglang"])
 def test_served_teacher_scores_in_batches(server, api):
     teacher = get_teacher(server.url, api=api, batch_size=3, concurrency=2, **FAST)
     assert isinstance(teacher, Teacher) and teacher.model == "teacher"  # the single model /v1/models lists
     sequences, starts = random_sequences(11, 101, seed=1)
-    scores = teacher.token_logprobs(sequences, starts)
+    scores = score_sequences(teacher, sequences, starts)
     for score, expected in zip(scores, expected_scores(sequences, starts)):
         assert score.dtype == torch.float32
         torch.testing.assert_close(score, expected)
@@ -225,7 +254,7 @@ def test_served_teacher_scores_in_batches(server, api):
 
 def test_vllm_request_shape(server):
     teacher = VLLMTeacher(server.url, model="teacher", **FAST)
-    teacher.token_logprobs([[5, 6, 7]])
+    score_sequences(teacher, [[5, 6, 7]])
     assert server.requests == [("POST", "/v1/completions", {
         "model": "teacher", "prompt": [[5, 6, 7]], "max_tokens": 1, "prompt_logprobs": 0,
         "return_token_ids": True})]
@@ -233,7 +262,7 @@ def test_vllm_request_shape(server):
 
 def test_sglang_request_shape(server):
     teacher = SGLangTeacher(server.url, model="teacher", **FAST)
-    teacher.token_logprobs([[5, 6, 7]])
+    score_sequences(teacher, [[5, 6, 7]])
     assert server.requests == [("POST", "/generate", {
         "input_ids": [[5, 6, 7]], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
         "logprob_start_len": 0})]
@@ -243,7 +272,7 @@ def test_sglang_request_shape(server):
 def test_retries_after_two_503s(server, api):
     teacher = get_teacher(server.url, api=api, model="teacher", **FAST)
     server.fail_first = [503, 503]
-    torch.testing.assert_close(teacher.token_logprobs([[4, 5, 6]])[0], expected_scores([[4, 5, 6]], [1])[0])
+    torch.testing.assert_close(score_sequences(teacher, [[4, 5, 6]])[0], expected_scores([[4, 5, 6]], [1])[0])
     assert len(server.requests) == 3
 
 
@@ -251,7 +280,7 @@ def test_5xx_until_retries_run_out(server):
     teacher = get_teacher(server.url, model="teacher", **FAST)
     server.fail_first = [500, 502, 503]
     with pytest.raises(TeacherUnavailableError) as error:
-        teacher.token_logprobs([[4, 5, 6]])
+        score_sequences(teacher, [[4, 5, 6]])
     assert_one_line_naming(error, server.url)
     assert "HTTP 503" in str(error.value)
 
@@ -260,7 +289,7 @@ def test_400_is_a_one_line_error_without_retry(server):
     teacher = get_teacher(server.url, model="teacher", **FAST)
     server.fail_first = [400]
     with pytest.raises(ValueError, match="HTTP 400") as error:
-        teacher.token_logprobs([[4, 5, 6]])
+        score_sequences(teacher, [[4, 5, 6]])
     assert_one_line_naming(error, server.url)
     assert len(server.requests) == 1
 
@@ -276,14 +305,14 @@ def test_dead_port_raises_teacher_unavailable_fast():
     assert_one_line_naming(error, url)
     teacher = get_teacher(url, model="teacher", **FAST)
     with pytest.raises(TeacherUnavailableError):
-        teacher.token_logprobs([[4, 5, 6]])
+        score_sequences(teacher, [[4, 5, 6]])
 
 
 def test_timeout_is_retried_then_unavailable(server):
     teacher = get_teacher(server.url, model="teacher", backoff=0.01, max_retries=1, timeout=0.2)
     server.delay = 0.5
     with pytest.raises(TeacherUnavailableError, match="timed out"):
-        teacher.token_logprobs([[4, 5, 6]])
+        score_sequences(teacher, [[4, 5, 6]])
     assert len(server.requests) == 2
 
 
@@ -314,7 +343,7 @@ def test_vllm_malformed_answers(server, mutate, message):
     teacher = get_teacher(server.url, model="teacher", **FAST)
     server.mutate = mutate
     with pytest.raises(ValueError, match=message) as error:
-        teacher.token_logprobs([[4, 5, 6]])
+        score_sequences(teacher, [[4, 5, 6]])
     assert_one_line_naming(error, server.url)
 
 
@@ -333,7 +362,7 @@ def test_sglang_malformed_answers(server, mutate, message):
     teacher = get_teacher(server.url, api="sglang", model="teacher", **FAST)
     server.mutate = mutate
     with pytest.raises(ValueError, match=message) as error:
-        teacher.token_logprobs([[4, 5, 6]])
+        score_sequences(teacher, [[4, 5, 6]])
     assert_one_line_naming(error, server.url)
 
 
@@ -341,7 +370,7 @@ def test_non_json_answer(server):
     teacher = get_teacher(server.url, model="teacher", **FAST)
     server.mutate = lambda body: b"<html>\nproxy error</html>"
     with pytest.raises(ValueError, match="non-JSON") as error:
-        teacher.token_logprobs([[4, 5, 6]])
+        score_sequences(teacher, [[4, 5, 6]])
     assert_one_line_naming(error, server.url)
 
 

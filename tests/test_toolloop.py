@@ -10,15 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import opdplus.toolloop as toolloop
-from opdplus.advantages import token_advantages
+from opdplus.objective.advantages import token_advantages
 from opdplus.config import TrainConfig
-from opdplus.losses import opd_loss
+from opdplus.objective.loss import opd_loss
 from opdplus.logprobs import token_logprobs
-from opdplus.rollout import conversation, left_pad, mask_through_first_eos, render_conversation
+from opdplus.rollout import conversation, hf, left_pad, mask_through_first_eos, render_conversation
+from opdplus.rollout.engine import make_engine
 from opdplus.tasks.base import Example
 from opdplus.tasks.withtools import WithTools
-from opdplus.teachers import get_teacher
+from opdplus.teachers import get_teacher, score_sequences
 from opdplus.teachers.routing import TeacherRouter
 from opdplus.tools import TOOL_SETS, ToolBox, load_tools
 from opdplus.trainer import train
@@ -87,11 +87,11 @@ def examples():
 
 def test_tool_results_are_appended_read_by_the_model_and_masked_out(student, monkeypatch):
     model, tokenizer = student
-    monkeypatch.setattr(toolloop, "generate_responses", scripted(tokenizer, calculator_policy))
+    monkeypatch.setattr(hf, "generate_responses", scripted(tokenizer, calculator_policy))
     toolbox = load_tools("arithmetic")
     task_examples = WithTools(_Fixed(examples()), toolbox).examples("train", 2)
-    rollouts = toolloop.sample_with_tools(model, tokenizer, task_examples, toolbox, max_turns=3, num_samples=2,
-                                          max_new_tokens=64)
+    rollouts = hf.sample_with_tools(model, tokenizer, task_examples, toolbox, max_turns=3, num_samples=2,
+                                    max_new_tokens=64)
     assert rollouts.prompt_index == [0, 0, 1, 1]
     assert rollouts.completions == ["#### 42"] * 4
     for row in range(4):
@@ -115,6 +115,7 @@ def test_tool_results_are_appended_read_by_the_model_and_masked_out(student, mon
 
 class _Fixed:
     name, max_new_tokens = "fixed", 64
+    toolbox, max_turns, reads_files = None, 1, False
 
     def __init__(self, items):
         self.items = items
@@ -126,41 +127,53 @@ class _Fixed:
         return completion.strip() == f"#### {example.reference}"
 
 
+def test_the_hf_engine_runs_the_tool_loop_when_the_task_has_tools(student, monkeypatch):
+    model, tokenizer = student
+    monkeypatch.setattr(hf, "generate_responses", scripted(tokenizer, calculator_policy))
+    task = WithTools(_Fixed(examples()), load_tools("arithmetic"), max_turns=3)
+    rollouts = make_engine("hf", model, tokenizer, task).generate(task.examples("train", 2), num_samples=2,
+                                                                  max_new_tokens=64)
+    assert rollouts.completions == ["#### 42"] * 4 and [len(t) for t in rollouts.transcripts] == [3] * 4
+    single = make_engine("hf", model, tokenizer, _Fixed(examples())).generate(examples(), num_samples=1,
+                                                                             max_new_tokens=64)
+    assert single.transcripts is None and single.completions == [CALL] * 2  # no tools: one turn, nothing called
+
+
 def test_turn_limit_truncated_turns_and_tool_errors(student, monkeypatch):
     model, tokenizer = student
     always_calls = scripted(tokenizer, lambda context: CALL)
-    monkeypatch.setattr(toolloop, "generate_responses", always_calls)
+    monkeypatch.setattr(hf, "generate_responses", always_calls)
     toolbox = load_tools("arithmetic")
-    one = toolloop.sample_with_tools(model, tokenizer, examples()[:1], toolbox, max_turns=1, max_new_tokens=64)
+    one = hf.sample_with_tools(model, tokenizer, examples()[:1], toolbox, max_turns=1, max_new_tokens=64)
     assert [m["role"] for m in one.transcripts[0]] == ["assistant"]  # one turn: nothing is called
-    two = toolloop.sample_with_tools(model, tokenizer, examples()[:1], toolbox, max_turns=2, max_new_tokens=64)
+    two = hf.sample_with_tools(model, tokenizer, examples()[:1], toolbox, max_turns=2, max_new_tokens=64)
     assert [m["role"] for m in two.transcripts[0]] == ["assistant", "tool", "assistant"]
     # a turn cut off before its EOS is not executed, even if it parses
-    monkeypatch.setattr(toolloop, "generate_responses", scripted(tokenizer, lambda context: (CALL, False)))
-    cut = toolloop.sample_with_tools(model, tokenizer, examples()[:1], toolbox, max_turns=3, max_new_tokens=64)
+    monkeypatch.setattr(hf, "generate_responses", scripted(tokenizer, lambda context: (CALL, False)))
+    cut = hf.sample_with_tools(model, tokenizer, examples()[:1], toolbox, max_turns=3, max_new_tokens=64)
     assert len(cut.transcripts[0]) == 1
     # unknown tools and failing calls become messages for the model, not errors of the run
     bad = '[{"name": "launch", "arguments": {}}, {"name": "divide", "arguments": {"a": 1, "b": 0}}]'
-    monkeypatch.setattr(toolloop, "generate_responses",
+    monkeypatch.setattr(hf, "generate_responses",
                         scripted(tokenizer, lambda context: "#### 0" if "result:" in context else bad))
-    errors = toolloop.sample_with_tools(model, tokenizer, examples()[:1], toolbox, max_turns=3, max_new_tokens=64)
+    errors = hf.sample_with_tools(model, tokenizer, examples()[:1], toolbox, max_turns=3, max_new_tokens=64)
     results = [m["content"] for m in errors.transcripts[0] if m["role"] == "tool"]
     assert results[0].startswith("error: unknown tool 'launch'") and results[1] == "error: ZeroDivisionError: division by zero"
 
 
 def test_tool_tokens_are_scored_in_context_but_carry_no_loss_or_credit(student, tool_models, monkeypatch):
     model, tokenizer = student
-    monkeypatch.setattr(toolloop, "generate_responses", scripted(tokenizer, calculator_policy))
-    rollouts = toolloop.sample_with_tools(model, tokenizer, examples(), load_tools("arithmetic"), max_turns=3,
-                                          max_new_tokens=64)
+    monkeypatch.setattr(hf, "generate_responses", scripted(tokenizer, calculator_policy))
+    rollouts = hf.sample_with_tools(model, tokenizer, examples(), load_tools("arithmetic"), max_turns=3,
+                                    max_new_tokens=64)
     mask = rollouts.response_mask
     region = rollouts.attention_mask[:, rollouts.prompt_length :].bool()
     teacher = TeacherRouter({"default": get_teacher(tool_models["teacher"])})
-    teacher_logprobs = teacher.score(rollouts.input_ids, rollouts.attention_mask, mask, [None, None])
+    teacher_logprobs = teacher.score(rollouts, [None, None])
     assert (teacher_logprobs[region] < 0).all() and (teacher_logprobs[~region] == 0).all()  # tools scored in place
     # the teacher's log-prob of the answer is the one given the tool result: equal to scoring the row whole
     row = rollouts.input_ids[0][rollouts.attention_mask[0].bool()]
-    whole = get_teacher(tool_models["teacher"]).token_logprobs([row.tolist()])[0]
+    whole = score_sequences(get_teacher(tool_models["teacher"]), [row.tolist()])[0]
     assert torch.allclose(whole[-int(region[0].sum()):], teacher_logprobs[0][region[0]], atol=1e-5)
 
     student_logprobs = token_logprobs(model, rollouts.input_ids, rollouts.attention_mask,
@@ -185,7 +198,7 @@ def test_one_training_step_with_tools(tool_models, tmp_path, monkeypatch):
         calls.append(context)
         return "#### 42" if "result:" in context else '{"name": "add", "arguments": {"a": 40, "b": 2}}'
 
-    monkeypatch.setattr(toolloop, "generate_responses", scripted(tokenizer, policy))
+    monkeypatch.setattr(hf, "generate_responses", scripted(tokenizer, policy))
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i} + 42 - {i}?", "answer": "#### 42"}) + "\n" for i in range(4)))
     config = TrainConfig(task="math", data=str(data), test_data=str(data), tools="arithmetic", max_tool_turns=3,

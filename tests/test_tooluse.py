@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opdplus.tasks.data import load_records
-from opdplus.tasks.tooluse import ToolUseTask, check_calls, format_tools_plain, gold_calls, parse_calls
+from opdplus.tasks.tooluse import ToolUseTask, check_calls, gold_calls
+from opdplus.tools import format_tools_plain, parse_calls
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUESTIONS = str(FIXTURES / "bfcl_mini.json")

@@ -19,7 +19,7 @@ from opdplus.integrations.trl import (
     warn_if_not_exact_sampling,
 )
 from opdplus.logprobs import token_logprobs
-from opdplus.teachers import get_teacher
+from opdplus.teachers import get_teacher, score_sequences
 from opdplus.tiny.tokenizer import build_char_tokenizer
 
 PROMPTS = ["1+1=", "2+3=", "7*6=", "19-4="]
@@ -96,7 +96,7 @@ def test_trainer_trains_on_token_advantages(models, tmp_path):
     sequences = [ids[keep].tolist() for ids, keep in zip(input_ids, attention_mask.bool())]
     starts = [int(keep[:start].sum()) for keep in attention_mask]
     teacher_lp = torch.zeros(rows, width)
-    for row, scores in enumerate(teacher.token_logprobs(sequences, starts)):
+    for row, scores in enumerate(score_sequences(teacher, sequences, starts)):
         teacher_lp[row, : len(scores)] = scores
     expected = token_advantages(student_lp, teacher_lp, mask, divergence="fkl", estimator="opd+", gamma=0.5,
                                 log_ratio_clip=10.0)

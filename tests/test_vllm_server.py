@@ -12,11 +12,10 @@ import time
 import pytest
 import torch
 from transformers import LlamaForCausalLM
+from vllm_server import VLLMServer
 
-from opdplus.teachers import TeacherUnavailableError, get_teacher
-from opdplus.teachers.launch import VLLMServer
-from opdplus.tiny.models import tiny_config
-from opdplus.tiny.tokenizer import build_char_tokenizer
+from opdplus.teachers import TeacherUnavailableError, get_teacher, score_sequences
+from opdplus.tiny import build_char_tokenizer, tiny_config
 
 VLLM_PYTHON = os.environ.get("OPDPLUS_VLLM_PYTHON")
 pytestmark = [
@@ -61,9 +60,9 @@ def test_served_logprobs_equal_local(server, teacher_dir):
     sequences = [[rng.randrange(len(local.tokenizer)) for _ in range(length)] for length in lengths]
     starts = [rng.randint(1, len(ids) - 1) for ids in sequences]
     began = time.perf_counter()
-    remote = served.token_logprobs(sequences, starts)
+    remote = score_sequences(served, sequences, starts)
     served_seconds = time.perf_counter() - began
-    expected = local.token_logprobs(sequences, starts)
+    expected = score_sequences(local, sequences, starts)
     difference = max((a - b).abs().max().item() for a, b in zip(remote, expected))
     print(f"max |served - local| = {difference:.2e} over {sum(map(len, expected))} tokens, "
           f"{len(sequences)} sequences scored in {served_seconds:.2f} s")
@@ -83,7 +82,7 @@ def test_tokenizer_check_against_real_server(server):
 def test_too_long_sequence_is_a_clear_error(server):
     served = get_teacher(server.url)
     with pytest.raises(ValueError, match="HTTP 400"):
-        served.token_logprobs([[5] * 300])
+        score_sequences(served, [[5] * 300])
 
 
 def test_killing_the_server_mid_use_raises_unavailable(server):
@@ -96,7 +95,7 @@ def test_killing_the_server_mid_use_raises_unavailable(server):
     def keep_scoring():
         try:
             while True:
-                served.token_logprobs(sequences)
+                score_sequences(served, sequences)
         except Exception as error:  # noqa: BLE001 - the test inspects it
             errors.append(error)
 

@@ -13,10 +13,11 @@ import sys
 import time
 
 import pytest
+from vllm_server import VLLMServer
+
 from opdplus.config import TrainConfig
-from opdplus.teachers import get_teacher
-from opdplus.teachers.launch import VLLMServer
-from opdplus.tiny.models import resolve_model
+from opdplus.models import resolve_model
+from opdplus.teachers import get_teacher, score_sequences
 from opdplus.trainer import train
 
 VLLM_PYTHON = os.environ.get("OPDPLUS_VLLM_PYTHON")
@@ -57,7 +58,7 @@ def test_packaged_teachers_served_equal_local_on_random_sequences(servers, teach
         served = get_teacher(server.url)
         sequences = [[rng.randrange(len(local.tokenizer)) for _ in range(rng.randint(2, 127))] for _ in range(128)]
         difference = max((a - b).abs().max().item()
-                         for a, b in zip(served.token_logprobs(sequences), local.token_logprobs(sequences)))
+                         for a, b in zip(score_sequences(served, sequences), score_sequences(local, sequences)))
         print(f"{name}: max |served - local| = {difference:.2e} on 128 random sequences")
         assert difference < 1e-4
 

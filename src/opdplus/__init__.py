@@ -1,8 +1,6 @@
 """opdplus: on-policy distillation with correct f-divergence advantages."""
 
-from opdplus.advantages import token_advantages
-from opdplus.divergences import Divergence, get_divergence
-from opdplus.losses import opd_loss
+from opdplus.objective import Divergence, Objective, get_divergence, opd_loss, token_advantages
 
-__all__ = ["Divergence", "get_divergence", "token_advantages", "opd_loss"]
+__all__ = ["Divergence", "Objective", "get_divergence", "token_advantages", "opd_loss"]
 __version__ = "0.1.0"

@@ -1,25 +1,199 @@
 """The `opdplus` command line. Each subcommand parses its flags and calls into the library.
 
-Errors a user can fix (bad values, missing files, a run directory in use) are printed as one line and exit
-with status 2; `--debug` shows the traceback instead.
+Flags, `--config` YAML files and `opdplus demo --set FIELD=VALUE` are typed by jsonargparse from TrainConfig's
+fields, whose own sentences are the `--help`. Errors a user can fix (bad values, missing files, a run directory
+in use) are printed as one line and exit with status 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import re
 import sys
 import time
+import types
 import typing
 from pathlib import Path
+from typing import NoReturn
 
-from opdplus.config import TrainConfig, load_yaml_config
+import yaml
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace, get_loader, set_loader
+from jsonargparse.typing import register_type
+
+from opdplus.config import TrainConfig
+
+FLAG_VALUES = "opdplus"  # jsonargparse parser mode: how a flag's text is read before its type is checked
+YAML_ONLY = ("teachers",)  # settings with no flag: a mapping is written in a --config file
 
 
-def _exact(args: argparse.Namespace) -> None:
+def _read_flag_value(text: str):
+    """YAML, as jsonargparse reads flag values, except that `none` and `off` unset an optional setting."""
+    return None if text.strip().lower() in ("none", "off") else get_loader("yaml")(text)
+
+
+set_loader(FLAG_VALUES, _read_flag_value, exceptions=(yaml.YAMLError,))
+
+
+class Float(float):
+    """A float setting read as Python reads floats (`nan`, `inf`, `1e-3`): jsonargparse reads YAML floats, where
+    `nan` is text, and a NaN must reach TrainConfig.validate() to be refused by name."""
+
+
+def _to_float(value) -> float:
+    """float() of a number or text, but not of a bool: `lr: true` is a mistake, not 1.0."""
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            return float(value)
+    raise ValueError(f"Expected a float. Got value: {value}")
+
+
+register_type(Float, serializer=float, deserializer=_to_float)
+
+
+class CommandParser(ArgumentParser):
+    """jsonargparse's parser, failing as argparse does: the usage, then ONE line `opdplus <cmd>: error: ...`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(parser_mode=FLAG_VALUES, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self
+        missing = re.match(r"the following arguments are required: (\w+)\.", message)
+        subcommands = {name: sub for action in parser._actions if isinstance(action.choices, dict)
+                       for name, sub in action.choices.items()}
+        if missing and missing[1] in subcommands:  # checked here, reported as the subcommand's: --model, not eval.model
+            parser = subcommands[missing[1]]
+            keys = message.split(": ", 1)[1].split(", ")
+            message = "the following arguments are required: " + ", ".join(
+                _flags(parser).get(key.partition(".")[2], key) for key in keys)
+        argparse.ArgumentParser.error(parser, _argparse_message(parser, message))
+
+
+def _flags(parser: ArgumentParser) -> dict[str, str]:
+    """dest -> the flag that sets it."""
+    return {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+
+
+def _argparse_message(parser: ArgumentParser, message: str) -> str:
+    """jsonargparse's `Parser key "steps": Expected a <class 'int'>. Got value: many` as argparse words it,
+    `argument --steps: invalid int value: 'many'`; other messages are cut to their first line."""
+    invalid = re.match(r'Parser key "([^"]+)":.*?(?:<class \'|Not of type )(?:[\w.]*\.)?(\w+).*'
+                       r'(?:Got|Given) value: ([^\n]*)', message, re.S)
+    if invalid and invalid[1] in _flags(parser):
+        return f"argument {_flags(parser)[invalid[1]]}: invalid {invalid[2].lower()} value: {invalid[3]!r}"
+    return message.strip().splitlines()[0]
+
+
+# ---- TrainConfig as flags, YAML files and FIELD=VALUE ---------------------------------------------------------
+
+
+def add_settings(parser: ArgumentParser, *, flags_only: bool) -> None:
+    """One flag per TrainConfig field (--prompts-per-step, --tensorboard/--no-tensorboard, ...), listed under
+    the field's group with the field's sentence; `flags_only` leaves out the YAML-only settings."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups = {}
+    for field in dataclasses.fields(TrainConfig):
+        if flags_only and field.name in YAML_ONLY:
+            continue
+        if field.metadata["group"] not in groups:
+            groups[field.metadata["group"]] = parser.add_argument_group(field.metadata["group"])
+        group = groups[field.metadata["group"]]
+        flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
+        if kind is bool:
+            group.add_argument(flag, action=ActionYesNo(no_prefix="no-"), default=field.default,
+                               help=field.metadata["help"])
+        else:
+            group.add_argument(flag, type=_python_floats(kind), default=field.default,
+                               metavar=field.name.upper(), help=field.metadata["help"])
+
+
+def _python_floats(kind):
+    """`kind` with float read as Python reads it: `float | None` -> `Float | None`."""
+    if kind is float:
+        return Float
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_python_floats(arg) for arg in typing.get_args(kind))]
+    return kind
+
+
+def settings_parser() -> ArgumentParser:
+    """Every TrainConfig field, YAML-only ones included: types the values of a config file and of `--set`."""
+    parser = ArgumentParser(parser_mode=FLAG_VALUES, exit_on_error=False, add_help=False)
+    add_settings(parser, flags_only=False)
+    return parser
+
+
+def _typed(parser: ArgumentParser, name: str, value):
+    """`value` as TrainConfig field `name` holds it; ValueError when jsonargparse refuses its type."""
+    try:
+        return parser.parse_object({name: value}, defaults=False)[name]
+    except argparse.ArgumentError:
+        raise ValueError(name) from None
+
+
+def _type_names(name: str) -> str:
+    kind = typing.get_type_hints(TrainConfig)[name]
+    return " or ".join("null" if t is type(None) else t.__name__ for t in typing.get_args(kind) or (kind,))
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    """Read a run config: a YAML mapping of TrainConfig fields. Unknown keys and wrong types are reported as
+    `file:line: ...` so that a typo cannot silently fall back to a default."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ValueError(f"{where}: invalid YAML: {getattr(error, 'problem', error)}") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ValueError(f"{path}:{root.start_mark.line + 1}: expected a mapping of settings")
+    names = [field.name for field in dataclasses.fields(TrainConfig)]
+    parser, values = settings_parser(), {}
+    for key_node, value_node in root.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if key not in names:
+            raise ValueError(f"{path}:{line}: unknown key {key!r}; valid keys: {', '.join(names)}")
+        if key in values:
+            raise ValueError(f"{path}:{line}: duplicate key {key!r}")
+        try:  # safe_load: tags such as !!python/object are refused, never constructed
+            value = yaml.safe_load(yaml.serialize(value_node))
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}:{line}: {key}: {getattr(error, 'problem', None) or error}") from None
+        try:
+            values[key] = _typed(parser, key, value)
+        except ValueError:
+            raise ValueError(f"{path}:{line}: {key} must be {_type_names(key)}, got {value!r}") from None
+    return values
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    """`ppo_epochs=4` -> ("ppo_epochs", 4), typed like the TrainConfig field."""
+    names = [field.name for field in dataclasses.fields(TrainConfig)]
+    name, separator, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not separator or name not in names:
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
+    try:
+        return name, _typed(settings_parser(), name, value)
+    except ValueError:
+        kind = _type_names(name).split(" or ")[0]
+        raise ValueError(f"--set {text!r}: {value!r} is not a valid {kind}") from None
+
+
+# ---- the subcommands -----------------------------------------------------------------------------------------
+
+
+def _exact(args: Namespace) -> None:
     """Exact check on an enumerable tabular student: how far each estimator's expected step is from the truth."""
-    from opdplus.divergences import get_divergence
+    from opdplus.objective import get_divergence
     from opdplus.tabular import TabularProblem, cosine, relative_error
 
     names = [get_divergence(name).name for name in args.divergences.split(",")]  # fail before printing
@@ -37,7 +211,7 @@ def _exact(args: argparse.Namespace) -> None:
     print("rel.err = |E[estimate] - true gradient| / |true gradient|; cos < 0 means the step goes uphill.")
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: Namespace) -> None:
     from opdplus.trainer import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: set up the process group
@@ -45,24 +219,19 @@ def _train(args: argparse.Namespace) -> None:
 
         PartialState()
 
-    values = load_yaml_config(args.config) if args.config else {}
-    values.update({name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name, None) is not None})
-    config = TrainConfig(**values)
+    config = TrainConfig(**{field.name: args[field.name] for field in dataclasses.fields(TrainConfig)
+                            if field.name in args})
     last = train(config, progress=not args.no_progress)
     print(f"done: step {last['step']}, outputs in {config.out} (metrics.jsonl, final/)")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from opdplus.evaluation import evaluate_model
-    from opdplus.tasks import get_task
+def _eval(args: Namespace) -> None:
+    from opdplus.build import build_task
+    from opdplus.rollout.evaluation import evaluate_model
 
-    task = get_task(args.task, test_data=args.data, question_field=args.question_field,
-                    answer_field=args.answer_field, max_new_tokens=args.max_new_tokens)
-    if args.tools:
-        from opdplus.tasks.withtools import WithTools
-        from opdplus.tools import load_tools
-
-        task = WithTools(task, load_tools(args.tools), args.max_tool_turns)
+    task = build_task(TrainConfig(task=args.task, test_data=args.data, question_field=args.question_field,
+                                  answer_field=args.answer_field, max_new_tokens=args.max_new_tokens,
+                                  tools=args.tools, max_tool_turns=args.max_tool_turns))
     examples = task.examples("test", args.limit, seed=args.seed) if args.limit else _all_test_examples(task, args)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
@@ -83,12 +252,12 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _all_test_examples(task, args) -> list:
     """Every record of a data file once, in file order; the built-in tasks draw `--limit` (default 500)."""
-    if hasattr(task, "load"):
+    if task.reads_files:
         return list(task.load("test"))
     return task.examples("test", 500, seed=args.seed)
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: Namespace) -> None:
     from opdplus.demo import run_demo
 
     tasks = args.tasks.split(",") if args.tasks else (["arith"] if args.quick else ["arith", "toolcall"])
@@ -107,121 +276,115 @@ def _demo(args: argparse.Namespace) -> None:
              workers=args.workers, overrides=overrides)
 
 
-def parse_assignment(text: str) -> tuple[str, object]:
-    """`ppo_epochs=4` -> ("ppo_epochs", 4), typed like the TrainConfig field."""
-    name, separator, value = text.partition("=")
-    name = name.strip().replace("-", "_")
-    if not separator or name not in TrainConfig.field_names():
-        raise ValueError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of {', '.join(TrainConfig.field_names())}")
-    kind = typing.get_type_hints(TrainConfig)[name]
-    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-    if value.lower() in ("none", "off") and base is not kind:
-        return name, None
-    if base is bool:
-        return name, value.lower() in ("1", "true", "yes", "on")
-    try:
-        return name, base(value)
-    except ValueError:
-        raise ValueError(f"--set {text!r}: {value!r} is not a valid {base.__name__}") from None
+COMMANDS = {"demo": _demo, "train": _train, "eval": _eval, "exact": _exact}
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--prompts-per-step, --no-tensorboard, ...); unset flags keep defaults."""
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        if kind is bool:
-            parser.add_argument(flag, dest=field.name, action="store_true", default=None)
-            if field.default:
-                parser.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false")
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        if base is dict or typing.get_origin(base) is dict:  # several teachers: only in a --config YAML file
-            continue
-        parser.add_argument(flag, dest=field.name, type=_optional(base) if base is not kind else base, default=None,
-                            metavar=field.name.upper(), help=f"default: {field.default}")
+def build_parser(train_defaults: dict | None = None) -> CommandParser:
+    """The `opdplus` parser; `train_defaults` (a --config file's settings) replace the train flags' defaults."""
+    parser = CommandParser(prog="opdplus", description="On-policy distillation with exact f-divergence advantages.")
+    _add_debug(parser)
+    commands = parser.add_subcommands(dest="command", required=True)
 
-
-def _optional(cast):
-    def parse(text: str):
-        return None if text.lower() in ("none", "off") else cast(text)
-
-    parse.__name__ = cast.__name__
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
-    parser = argparse.ArgumentParser(prog="opdplus", parents=[common],
-                                     description="On-policy distillation with exact f-divergence advantages.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", parents=[common], help="every divergence x estimator on the built-in tiny models; table + plot")
+    demo = CommandParser(description="Every divergence x estimator on the built-in tiny models; table + plot.")
     demo.add_argument("--quick", action="store_true", help="fewer steps, arith only: a smoke run of a few minutes")
-    demo.add_argument("--tasks", default=None, help="comma-separated (default: arith,toolcall; arith with --quick)")
-    demo.add_argument("--divergences", default="rkl,fkl,jsd")
-    demo.add_argument("--estimators", default="opd,opd+")
-    demo.add_argument("--steps", type=int, default=None, help="override the number of steps per arm")
-    demo.add_argument("--lr", type=float, default=None, help="override the learning rate")
+    demo.add_argument("--tasks", type=typing.Optional[str], default=None,
+                      help="comma-separated (default: arith,toolcall; arith with --quick)")
+    demo.add_argument("--divergences", type=str, default="rkl,fkl,jsd", help="comma-separated divergences")
+    demo.add_argument("--estimators", type=str, default="opd,opd+", help="comma-separated estimators")
+    demo.add_argument("--steps", type=typing.Optional[int], default=None, help="override the number of steps per arm")
+    demo.add_argument("--lr", type=typing.Optional[Float], default=None, help="override the learning rate")
     demo.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override any training setting for every arm, e.g. --set ppo_epochs=4 (repeatable)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of every arm")
     demo.add_argument("--workers", type=int, default=2, help="arms trained at once (one CPU thread each)")
-    demo.add_argument("--out", default=None, help="output directory (default: runs/demo-<time>)")
-    demo.add_argument("--overwrite", action="store_true")
-    demo.set_defaults(run=_demo)
+    demo.add_argument("--out", type=typing.Optional[str], default=None,
+                      help="output directory (default: runs/demo-<time>)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
 
-    train = commands.add_parser("train", parents=[common], help="distill a teacher into a student")
-    train.add_argument("--config", help="YAML file of settings; flags given on the command line override it")
-    _add_config_flags(train)
+    train = CommandParser(usage="%(prog)s [--config FILE] [--SETTING VALUE ...] [--no-progress] [--debug]",
+                          description="Distill a teacher into a student. Every setting below is also a key of a "
+                                      "--config YAML file (the flag name with _); flags given here override it.")
+    train.add_argument("--config", type=typing.Optional[str], default=None,
+                       help="YAML file of settings; flags given on the command line override it")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(run=_train)
+    add_settings(train, flags_only=True)
+    if train_defaults:
+        train.set_defaults({key: value for key, value in train_defaults.items() if key not in YAML_ONLY})
 
-    evaluate = commands.add_parser("eval", parents=[common], help="accuracy of a model on a task (table + JSONL)")
-    evaluate.add_argument("--model", required=True, help="model directory, tiny: name or hub id")
-    evaluate.add_argument("--task", required=True, help="arith, toolcall, mix, math or tooluse")
-    evaluate.add_argument("--data", help="evaluation data for math / tooluse (JSONL, JSON or Parquet)")
-    evaluate.add_argument("--question-field", default="question")
-    evaluate.add_argument("--answer-field", default="answer")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="per assistant turn")
-    evaluate.add_argument("--tools", help="tools the model may call: a built-in set (arithmetic) or module:attribute")
-    evaluate.add_argument("--max-tool-turns", type=int, default=4)
+    evaluate = CommandParser(description="Accuracy of a model on a task (table + JSONL).")
+    evaluate.add_argument("--model", type=str, required=True, help="model directory, tiny: name or hub id")
+    evaluate.add_argument("--task", type=str, required=True, help="arith, toolcall, mix, math or tooluse")
+    evaluate.add_argument("--data", type=typing.Optional[str], default=None,
+                          help="evaluation data for math / tooluse (JSONL, JSON or Parquet)")
+    evaluate.add_argument("--question-field", type=str, default="question", help="record field of the question")
+    evaluate.add_argument("--answer-field", type=str, default="answer", help="record field of the answer")
+    evaluate.add_argument("--max-new-tokens", type=typing.Optional[int], default=None, help="per assistant turn")
+    evaluate.add_argument("--tools", type=typing.Optional[str], default=None,
+                          help="tools the model may call: a built-in set (arithmetic) or module:attribute")
+    evaluate.add_argument("--max-tool-turns", type=int, default=4, help="assistant turns per tool rollout")
     evaluate.add_argument("--k", type=int, default=0, help="also sample k responses per prompt: avg@k, pass@k")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate this many examples (default: all)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--out", help="per-example JSONL (prompt, output, verdict)")
-    evaluate.add_argument("--overwrite", action="store_true")
-    evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(run=_eval)
+    evaluate.add_argument("--limit", type=typing.Optional[int], default=None,
+                          help="evaluate this many examples (default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the drawn examples and samples")
+    evaluate.add_argument("--out", type=typing.Optional[str], default=None,
+                          help="per-example JSONL (prompt, output, verdict)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    exact = commands.add_parser("exact", parents=[common], help="compare opd and opd+ with the exact gradient on a tabular student")
-    exact.add_argument("--divergences", default="rkl,fkl,jsd,hellinger,chi2,alpha:0.5")
-    exact.add_argument("--vocab", type=int, default=3)
-    exact.add_argument("--length", type=int, default=3)
-    exact.add_argument("--seed", type=int, default=0)
-    exact.set_defaults(run=_exact)
+    exact = CommandParser(description="Compare opd and opd+ with the exact gradient on a tabular student.")
+    exact.add_argument("--divergences", type=str, default="rkl,fkl,jsd,hellinger,chi2,alpha:0.5",
+                       help="comma-separated divergences")
+    exact.add_argument("--vocab", type=int, default=3, help="vocabulary size of the tabular student")
+    exact.add_argument("--length", type=int, default=3, help="sequence length")
+    exact.add_argument("--seed", type=int, default=0, help="seed of the random teacher and student")
+
+    summaries = {"demo": "every divergence x estimator on the built-in tiny models; table + plot",
+                 "train": "distill a teacher into a student",
+                 "eval": "accuracy of a model on a task (table + JSONL)",
+                 "exact": "compare opd and opd+ with the exact gradient on a tabular student"}
+    for name, command in {"demo": demo, "train": train, "eval": evaluate, "exact": exact}.items():
+        _add_debug(command)
+        commands.add_subcommand(name, command, help=summaries[name])
+        command.prog = f"opdplus {name}"
     return parser
 
 
+def _add_debug(parser: ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks on errors")
+
+
+def _with_config_file(args: Namespace, argv: list[str]) -> Namespace:
+    """Parse `opdplus train` again with the --config file's settings as defaults: flags given override them."""
+    settings = load_yaml_config(args.train.config)
+    args = build_parser(settings).parse_args(argv)
+    for name in YAML_ONLY:
+        if name in settings:
+            args.train[name] = settings[name]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    command = args.command
+    debug = bool(args.get("debug") or args[command].get("debug"))
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-file loading bars drown the run's own progress
     try:
-        args.run(args)
+        if command == "train" and args.train.config:
+            args = _with_config_file(args, argv)
+        COMMANDS[command](args[command])
     except (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError) as error:
-        if getattr(args, "debug", False):
+        if debug:
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"opdplus {args.command}: error: {message}", file=sys.stderr)
+        print(f"opdplus {command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"opdplus {args.command}: interrupted", file=sys.stderr)
+        print(f"opdplus {command}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -1,89 +1,130 @@
-"""Training configuration: one dataclass, validated before anything is loaded or written."""
+"""Training configuration: one dataclass of plain settings, and a check of their values.
+
+Nothing here loads, imports or probes anything: the objects a run needs (task, teachers, device) are built from a
+TrainConfig in `opdplus.build`, and the `opdplus train` flags and YAML files are read in `opdplus.cli`. Each field
+carries the sentence `opdplus train --help` shows for it and the group it is listed under.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import typing
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
-
-from opdplus.advantages import ESTIMATORS
-from opdplus.divergences import get_divergence
+from opdplus.objective import ESTIMATORS, get_divergence
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+
+DISTILL = "what to distill"
+DATA = "data"
+TOOLS = "tools"
+ESTIMATOR = "estimator"
+HARDWARE = "hardware"
+ROLLOUTS = "rollouts"
+OPTIMISATION = "optimisation"
+RUN = "evaluation, logging, checkpoints"
+
+
+def setting(default, group: str, help: str):
+    """A TrainConfig field with its one-sentence documentation and its group in `--help`."""
+    return dataclasses.field(default=default, metadata={"group": group, "help": help})
 
 
 @dataclass
 class TrainConfig:
-    # what to distill
-    task: str = "arith"
-    student: str = "tiny:arith-student"
-    teacher: str = "tiny:arith-teacher"  # a model directory, a tiny: name or a vLLM/SGLang URL
-    teacher_api: str = "vllm"  # for a URL teacher: "vllm" or "sglang"
-    # several teachers: name -> spec, or name -> {spec: ..., api: ..., temperature: ..., ...} (get_teacher options);
-    # each example names its teacher (the data field `teacher_field`); `teacher` serves examples that name none
-    teachers: dict | None = None
-    out: str = "runs/train"
-    # data for the math / tooluse tasks (JSONL, JSON or Parquet; the built-in tasks generate their own)
-    data: str | None = None
-    test_data: str | None = None
-    question_field: str = "question"
-    answer_field: str = "answer"
-    teacher_field: str = "teacher"  # with several teachers: the record field that names each example's teacher
-    # multi-turn tool use: a built-in tool set ("arithmetic") or module:attribute naming a list of the user's
-    # typed, documented functions; tool results are appended as tool messages and masked out of the loss
-    tools: str | None = None
-    max_tool_turns: int = 4  # assistant turns per rollout (max_new_tokens is per turn)
-    # the estimator
-    divergence: str = "rkl"
-    estimator: str = "opd+"
-    gamma: float = 0.0
-    log_ratio_clip: float | None = 10.0  # clamp l = teacher - student; fkl / chi2 weights are unbounded
-    center_weight: bool = False  # subtract w_f(1) from the opd+ weight: same expected gradient, less variance
-    # hardware
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    dtype: str = "float32"  # student and local-teacher weights: float32 or bfloat16 (where the hardware has it)
-    teacher_device: str | None = None  # local teachers on another device (e.g. cuda:1); default: `device`
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
-    lora_r: int = 0  # > 0: train LoRA adapters of this rank on every linear layer (peft) instead of all weights
-    lora_alpha: float = 16.0
-    # rollouts: exact on-policy sampling unless the user changes it (then a warning)
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 4
-    max_new_tokens: int | None = None  # None: the task's own limit
-    max_prompt_length: int | None = None  # rendered prompt tokens; longer prompts are skipped or fail the run
-    long_prompts: str = "skip"  # "skip" (counted in metrics) or "fail"
-    rollout_backend: str = "hf"  # "hf" (generate with the training model) or "vllm" (colocated engine)
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    # optimisation
-    steps: int = 200
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    ppo_epochs: int = 1  # updates per batch; epochs after the first use behavior log-probs
-    clip_eps: float | None = None  # PPO ratio clip for those later epochs
-    micro_batch_size: int | None = None  # rows per forward/backward; the loss uses the global token count
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    # evaluation, logging, checkpoints
-    eval_every: int = 25
-    eval_examples: int = 200
-    eval_k: int = 0  # avg@k with k temperature-1 samples per prompt; 0 = greedy accuracy only
-    save_every: int = 0  # 0 = no intermediate checkpoints
-    keep_last: int = 2
-    tensorboard: bool = True
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
+    task: str = setting("arith", DISTILL, "Task to train on: arith, toolcall, mix, math or tooluse.")
+    student: str = setting("tiny:arith-student", DISTILL, "Model to train: a model directory, a tiny: name or a "
+                           "Hugging Face hub id.")
+    teacher: str = setting("tiny:arith-teacher", DISTILL, "Teacher that scores the student's tokens: a model "
+                           "directory, a tiny: name or the URL of a vLLM/SGLang server.")
+    teacher_api: str = setting("vllm", DISTILL, "Server protocol of a URL teacher: vllm or sglang.")
+    teachers: dict | None = setting(None, DISTILL, "Several teachers (YAML only): name -> spec, or name -> {spec: "
+                                    "..., api: ..., temperature: ...}; each example names its teacher in its "
+                                    "teacher_field, and `teacher` serves examples that name none.")
+    out: str = setting("runs/train", DISTILL, "Run directory for metrics, checkpoints and the final model.")
+
+    data: str | None = setting(None, DATA, "Training data of the math and tooluse tasks (JSONL, JSON or Parquet); "
+                               "the built-in tasks generate their own.")
+    test_data: str | None = setting(None, DATA, "Held-out data for evaluation (math and tooluse); without it "
+                                    "evaluation is skipped.")
+    question_field: str = setting("question", DATA, "Record field that holds the question.")
+    answer_field: str = setting("answer", DATA, "Record field that holds the reference answer.")
+    teacher_field: str = setting("teacher", DATA, "With several teachers, the record field that names each "
+                                 "example's teacher.")
+
+    tools: str | None = setting(None, TOOLS, "Tools for multi-turn rollouts: a built-in set (arithmetic) or "
+                                "module:attribute naming a list of typed, documented functions; their results are "
+                                "masked out of the loss.")
+    max_tool_turns: int = setting(4, TOOLS, "Assistant turns per tool rollout (max_new_tokens is per turn).")
+
+    divergence: str = setting("rkl", ESTIMATOR, "f-divergence to minimise: rkl, fkl, jsd, jsd:<beta>, tv, "
+                              "hellinger, chi2, neyman_chi2 or alpha:<a>.")
+    estimator: str = setting("opd+", ESTIMATOR, "Per-token advantage: opd+ (exact f-divergence weight) or opd "
+                             "(stop-gradient reward).")
+    gamma: float = setting(0.0, ESTIMATOR, "Discount in [0, 1] of future tokens' terms: 0 is the per-token "
+                           "objective, 1 the exact sequence-level one.")
+    log_ratio_clip: float | None = setting(10.0, ESTIMATOR, "Clamp of the log-ratio teacher - student (fkl and "
+                                           "chi2 weights are unbounded without it); none to turn it off.")
+    center_weight: bool = setting(False, ESTIMATOR, "Subtract w_f(1) from the opd+ weight: same expected gradient, "
+                                  "less variance.")
+
+    device: str = setting("auto", HARDWARE, "Device of the student (and of local teachers unless "
+                          "teacher_device is set): auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    dtype: str = setting("float32", HARDWARE, "Weights of the student and local teachers: float32, bfloat16 or "
+                         "float16.")
+    teacher_device: str | None = setting(None, HARDWARE, "Device of local teachers (e.g. cuda:1); default: the "
+                                         "student's device.")
+    gradient_checkpointing: bool = setting(False, HARDWARE, "Recompute activations in the backward pass: less "
+                                           "memory, more time.")
+    lora_r: int = setting(0, HARDWARE, "Above 0: train LoRA adapters of this rank on every linear layer (needs "
+                          "peft) instead of all weights.")
+    lora_alpha: float = setting(16.0, HARDWARE, "LoRA scaling numerator (the adapters are scaled by alpha / r).")
+
+    prompts_per_step: int = setting(16, ROLLOUTS, "Prompts drawn per training step.")
+    samples_per_prompt: int = setting(4, ROLLOUTS, "Responses sampled from the student per prompt.")
+    max_new_tokens: int | None = setting(None, ROLLOUTS, "Longest response in tokens (per assistant turn); unset: "
+                                         "the task's own limit.")
+    max_prompt_length: int | None = setting(None, ROLLOUTS, "Longest rendered prompt in tokens; longer prompts "
+                                            "are skipped or fail the run (see long_prompts).")
+    long_prompts: str = setting("skip", ROLLOUTS, "What prompts over max_prompt_length do: skip (counted in the "
+                                "metrics) or fail.")
+    rollout_backend: str = setting("hf", ROLLOUTS, "Sampler: hf (generate with the training model) or vllm (a "
+                                   "colocated vLLM engine synced to it).")
+    temperature: float = setting(1.0, ROLLOUTS, "Sampling temperature; anything but 1.0 makes rollouts "
+                                 "off-policy (a warning says so).")
+    top_k: int = setting(0, ROLLOUTS, "Sample only from the k most likely tokens; 0 is off (exact on-policy).")
+    top_p: float = setting(1.0, ROLLOUTS, "Nucleus sampling mass in (0, 1]; 1.0 is off (exact on-policy).")
+
+    steps: int = setting(200, OPTIMISATION, "Training steps (one batch of rollouts each).")
+    lr: float = setting(1e-3, OPTIMISATION, "Peak learning rate of AdamW.")
+    lr_schedule: str = setting("constant", OPTIMISATION, "Learning rate after warmup: constant, linear or cosine "
+                               "decay to 0.")
+    warmup_steps: int = setting(0, OPTIMISATION, "Steps of linear warmup from 0 to lr.")
+    weight_decay: float = setting(0.0, OPTIMISATION, "AdamW weight decay.")
+    max_grad_norm: float | None = setting(1.0, OPTIMISATION, "Clip the gradient to this global norm; none to "
+                                          "turn clipping off.")
+    ppo_epochs: int = setting(1, OPTIMISATION, "Updates per batch of rollouts; epochs after the first reuse "
+                              "the batch, weighted by the ratio to the policy that sampled it.")
+    clip_eps: float | None = setting(None, OPTIMISATION, "PPO ratio clip for the epochs after the first; unset: "
+                                     "no clip.")
+    micro_batch_size: int | None = setting(None, OPTIMISATION, "Rollouts per forward/backward pass (the loss "
+                                           "still uses the whole batch's token count); unset: the whole batch.")
+    max_bad_steps: int = setting(5, OPTIMISATION, "Consecutive steps with non-finite values before the run "
+                                 "stops.")
+
+    eval_every: int = setting(25, RUN, "Evaluate on held-out prompts every this many steps; 0 is never.")
+    eval_examples: int = setting(200, RUN, "Held-out prompts per evaluation.")
+    eval_k: int = setting(0, RUN, "Also report avg@k over k temperature-1 samples per prompt; 0 is greedy "
+                          "accuracy only.")
+    save_every: int = setting(0, RUN, "Write a checkpoint every this many steps; 0 is none until the final "
+                              "model.")
+    keep_last: int = setting(2, RUN, "Checkpoints kept; older ones are deleted.")
+    tensorboard: bool = setting(True, RUN, "Also write TensorBoard event files beside metrics.jsonl.")
+    seed: int = setting(0, RUN, "Seed of prompt order, sampling and LoRA initialisation.")
+    resume: bool = setting(False, RUN, "Continue the run in out from its last checkpoint.")
+    overwrite: bool = setting(False, RUN, "Replace the run in out (files that are not run files are kept).")
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the first invalid field."""
+        """Raise ValueError naming the first invalid value; what needs this machine is checked in opdplus.build."""
         get_divergence(self.divergence)
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
@@ -112,125 +153,29 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.lora_r and importlib.util.find_spec("peft") is None:
-            raise ValueError("lora_r needs peft: pip install peft")
         if self.long_prompts not in ("skip", "fail"):
             raise ValueError(f"long_prompts must be skip or fail, got {self.long_prompts!r}")
         if self.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"rollout_backend must be hf or vllm, got {self.rollout_backend!r}")
         if self.tools and self.rollout_backend != "hf":
             raise ValueError("tools: multi-turn tool rollouts run on the hf rollout backend only")
-        if self.tools:
-            from opdplus.tools import load_tools
-
-            load_tools(self.tools)
-        if self.rollout_backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ValueError("rollout_backend vllm needs vLLM in this environment: pip install 'opdplus[vllm]'")
-        for name in ("device", "teacher_device"):
-            value = getattr(self, name)
-            if value not in (None, "auto") and not _device_available(value):
-                raise ValueError(f"{name} {value!r} is not available on this machine")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        self.teacher_specs()  # validates the teachers mapping
+        self.teacher_entries()
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
         return self
 
-    def make_task(self):
-        from opdplus.tasks import get_task
-
-        task = get_task(self.task, data=self.data, test_data=self.test_data, question_field=self.question_field,
-                        answer_field=self.answer_field, teacher_field=self.teacher_field,
-                        max_new_tokens=self.max_new_tokens)
-        if self.tools:
-            from opdplus.tasks.withtools import WithTools
-            from opdplus.tools import load_tools
-
-            task = WithTools(task, load_tools(self.tools), self.max_tool_turns)
-        return task
-
-    def teacher_specs(self) -> dict[str, tuple[str, dict]]:
-        """name -> (spec, get_teacher options); "default" is `teacher`, for examples that name none."""
-        entries = {"default": self.teacher, **(self.teachers or {})}
-        specs = {}
-        for name, entry in entries.items():
+    def teacher_entries(self) -> dict[str, dict]:
+        """name -> {"spec": ..., options...} as written; "default" is `teacher`, for examples that name none."""
+        entries = {}
+        for name, entry in {"default": self.teacher, **(self.teachers or {})}.items():
             if isinstance(entry, str):
                 entry = {"spec": entry}
             if not isinstance(entry, dict) or not isinstance(entry.get("spec"), str):
                 raise ValueError(f"teachers: {name!r} must be a model spec or a mapping with a 'spec' key")
-            options = {key: value for key, value in entry.items() if key != "spec"}
-            if entry["spec"].startswith(("http://", "https://")):
-                options.setdefault("api", self.teacher_api)
-            else:
-                options.setdefault("dtype", self.dtype)
-                options.setdefault("device", self.teacher_device or self.resolved_device())
-            specs[str(name)] = (entry["spec"], options)
-        return specs
-
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+            entries[str(name)] = entry
+        return entries
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [field.name for field in dataclasses.fields(cls)]
-
-
-def _device_available(name: str) -> bool:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return False
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    backend = getattr(torch, device.type, None)  # mps, xpu, ...
-    return bool(backend is not None and getattr(backend, "is_available", lambda: False)())
-
-
-def load_yaml_config(path: str | Path) -> dict:
-    """Read a run config: a YAML mapping of TrainConfig fields. Unknown keys and wrong types are reported as
-    `file:line: ...` so that a typo cannot silently fall back to a default."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        root = yaml.compose(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ValueError(f"{where}: invalid YAML: {getattr(error, 'problem', error)}") from None
-    if root is None:
-        return {}
-    if not isinstance(root, yaml.MappingNode):
-        raise ValueError(f"{path}:{root.start_mark.line + 1}: expected a mapping of settings")
-    hints = typing.get_type_hints(TrainConfig)
-    values = {}
-    for key_node, value_node in root.value:
-        key, line = key_node.value, key_node.start_mark.line + 1
-        if key not in hints:
-            raise ValueError(f"{path}:{line}: unknown key {key!r}; valid keys: {', '.join(hints)}")
-        if key in values:
-            raise ValueError(f"{path}:{line}: duplicate key {key!r}")
-        try:  # safe_load: tags such as !!python/object are refused, never constructed
-            value = yaml.safe_load(yaml.serialize(value_node))
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}:{line}: {key}: {getattr(error, 'problem', None) or error}") from None
-        expected = tuple(t for t in (typing.get_args(hints[key]) or (hints[key],)))
-        if float in expected and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
-            raise ValueError(f"{path}:{line}: {key} must be {names}, got {value!r}")
-        values[key] = value
-    return values

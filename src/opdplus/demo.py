@@ -51,9 +51,9 @@ def _run_arm(config: TrainConfig) -> str:
 
 
 def _teacher_accuracy(task_name: str, eval_examples: int) -> float:
-    from opdplus.rollout import evaluate
+    from opdplus.rollout.evaluation import evaluate
     from opdplus.tasks import get_task
-    from opdplus.tiny.models import load_model_and_tokenizer
+    from opdplus.models import load_model_and_tokenizer
 
     task = get_task(task_name)
     teacher, tokenizer = load_model_and_tokenizer(f"tiny:{task_name}-teacher")

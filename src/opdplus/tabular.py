@@ -12,8 +12,8 @@ import itertools
 import torch
 from torch import Tensor
 
-from opdplus.advantages import token_advantages
-from opdplus.divergences import Divergence, get_divergence
+from opdplus.objective.advantages import token_advantages
+from opdplus.objective.divergences import Divergence, get_divergence
 
 
 class TabularProblem:

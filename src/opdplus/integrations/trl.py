@@ -47,11 +47,11 @@ try:
 except ImportError as error:  # the extra is optional; say which one to install
     raise ImportError("opdplus.integrations.trl needs TRL: install opdplus[trl]") from error
 
-from opdplus.advantages import check_estimator, check_gamma, check_log_ratio_clip, token_advantages
-from opdplus.divergences import Divergence, get_divergence
+from opdplus.objective.advantages import check_estimator, check_gamma, check_log_ratio_clip, token_advantages
+from opdplus.objective.divergences import Divergence, get_divergence
 from opdplus.logprobs import token_logprobs
 from opdplus.rollout import eval_mode
-from opdplus.teachers import Teacher, get_teacher
+from opdplus.teachers import Teacher, TokenRows, get_teacher
 
 # Sampling values under which `generate` samples from the model's own distribution.
 EXACT_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
@@ -158,19 +158,10 @@ class OPDGRPOTrainer(GRPOTrainer):
             return token_logprobs(model, input_ids, attention_mask, start=prompt_length)
 
     def _teacher_logprobs(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-        """[B, T] teacher log-probs of the completion tokens, from the exact unpadded ids; 0 on padding."""
-        sequences, starts = [], []
-        for prompt, keep_prompt, completion, keep_completion in zip(
-            prompt_ids.cpu(), prompt_mask.cpu().bool(), completion_ids.cpu(), completion_mask.cpu().bool()
-        ):
-            prompt_tokens = prompt[keep_prompt].tolist()
-            sequences.append(prompt_tokens + completion[keep_completion].tolist())
-            starts.append(len(prompt_tokens))
-        scores = self.teacher.token_logprobs(sequences, starts)
-        teacher = torch.zeros(completion_ids.shape, dtype=torch.float32)
-        for row, row_scores in enumerate(scores):
-            teacher[row, : len(row_scores)] = row_scores
-        return teacher
+        """[B, T] teacher log-probs of the completion tokens; 0 on padding. TRL lays a batch out as rollouts
+        are (prompts left-padded, completions right-padded), so the teacher scores it as it is."""
+        return self.teacher.score(TokenRows(torch.cat([prompt_ids, completion_ids], 1),
+                                            torch.cat([prompt_mask, completion_mask], 1), prompt_ids.shape[1]))
 
     def _log_opd_metrics(self, student, teacher, mask, advantages) -> None:
         mode = "train" if self.model.training else "eval"

@@ -22,6 +22,9 @@ def _apply(left: int, op: str, right: int) -> int:
 class ArithTask:
     name = "arith"
     max_new_tokens = 32  # longest gold response is 24 chars (26 with ops="+-") + EOS
+    toolbox = None  # single-turn
+    max_turns = 1
+    reads_files = False
 
     def __init__(self, n_operands: int = 3, low: int = 10, high: int = 99, ops: str = "+"):
         self.ops = ops

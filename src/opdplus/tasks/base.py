@@ -1,9 +1,13 @@
 """The task interface: a generator of prompts with a programmatic verifier."""
 
+from __future__ import annotations
+
 import hashlib
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
+
+from opdplus.tools import ToolBox
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1
@@ -20,8 +24,13 @@ class Example:
 
 
 class Task(Protocol):
+    """What a task is, and what it can do, declared by every task rather than found by probing for methods."""
+
     name: str
-    max_new_tokens: int  # enough for the longest gold response + EOS, with margin
+    max_new_tokens: int  # enough for the longest gold response + EOS, with margin (per turn with tools)
+    toolbox: ToolBox | None  # tools the model may call during its rollouts; None: single-turn rollouts
+    max_turns: int  # assistant turns per rollout: 1 without tools
+    reads_files: bool  # a data task: then `load(split)` gives every record once, in file order
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]: ...
 

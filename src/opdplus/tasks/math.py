@@ -16,10 +16,8 @@ timeouts are a second line of defence; other threads cannot use signals, so ther
 these checks are the only one.
 """
 
-import math
 import re
 import threading
-from collections.abc import Sequence
 from functools import lru_cache
 
 import sympy
@@ -143,6 +141,9 @@ class MathTask:
     """
 
     name = "math"
+    toolbox = None  # single-turn
+    max_turns = 1
+    reads_files = True  # load(split): every record once, in file order
 
     def __init__(
         self,
@@ -187,27 +188,3 @@ class MathTask:
 
     def verify(self, completion: str, example: Example) -> bool:
         return is_correct(completion, example.reference)
-
-
-def pass_at_k(correct_flags_per_prompt: Sequence[Sequence[bool]], k: int) -> float:
-    """Mean over prompts of the unbiased pass@k, 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
-
-    Each prompt has n >= k sampled completions, c of them correct.
-    """
-    scores = []
-    for flags in correct_flags_per_prompt:
-        n, c = len(flags), sum(bool(flag) for flag in flags)
-        if not 1 <= k <= n:
-            raise ValueError(f"pass@{k} needs 1 <= k <= samples per prompt, got {n} samples")
-        scores.append(1.0 - math.comb(n - c, k) / math.comb(n, k))
-    return sum(scores) / len(scores) if scores else 0.0
-
-
-def avg_at_k(correct_flags_per_prompt: Sequence[Sequence[bool]], k: int) -> float:
-    """Mean accuracy over the first k completions of each prompt (avg@k, mean@k)."""
-    scores = []
-    for flags in correct_flags_per_prompt:
-        if not 1 <= k <= len(flags):
-            raise ValueError(f"avg@{k} needs 1 <= k <= samples per prompt, got {len(flags)} samples")
-        scores.append(sum(bool(flag) for flag in flags[:k]) / k)
-    return sum(scores) / len(scores) if scores else 0.0

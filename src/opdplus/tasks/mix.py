@@ -13,6 +13,9 @@ from opdplus.tasks.base import Example
 
 class MixTask:
     name = "mix"
+    toolbox = None  # single-turn
+    max_turns = 1
+    reads_files = False
 
     def __init__(self, parts: dict):
         self.parts = parts  # task name -> task

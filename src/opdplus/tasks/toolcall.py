@@ -104,6 +104,9 @@ def _same_value(a: Any, b: Any) -> bool:
 class ToolCallTask:
     name = "toolcall"
     max_new_tokens = 72  # longest gold response is 62 chars + EOS
+    toolbox = None  # single-turn
+    max_turns = 1
+    reads_files = False
 
     def __init__(self, tools_shown: int = 0):
         if not 0 <= tools_shown <= len(TOOLS):

@@ -7,142 +7,21 @@ values]}}` per expected call, where `""` among the allowed values means the
 parameter may be left out, and a dict inside an allowed value is itself a
 `{key: [allowed values]}` spec.
 
-Completions are untrusted model output, read with `json` and `ast` only: no
-eval, exec or compile. Accepted forms:
-
-    {"name": "f", "arguments": {"a": 1}}              (or "parameters"; or a list of these)
-    <tool_call>{"name": "f", "arguments": {...}}</tool_call>   (Qwen/Hermes; several allowed)
-    [f(a=1), math.factorial(n=5)]                     (BFCL's Python syntax; or one bare call)
+Completions are untrusted model output, read by opdplus.tools.parsing (json and
+ast only: no eval, exec or compile).
 """
 
-import ast
 import json
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from opdplus.tasks.base import SPLITS, Example
 from opdplus.tasks.data import load_records, sample_cycled
+from opdplus.tools.parsing import parse_calls
 
-MAX_COMPLETION_CHARS = 100_000
-TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)  # last one may be unclosed
-CODE_FENCE = re.compile(r"^```[\w-]*[ \t]*\n?(.*?)\n?```$", re.DOTALL)
 IGNORED_IN_STRINGS = re.compile(r"[\s,./\-_*^]")  # BFCL-style: "New York, NY" == "new york ny"
-JSON_NAMES = {"true": True, "false": False, "null": None}  # JSON literals written in a Python call
-
-
-# ---- parsing model output ------------------------------------------------------------
-
-
-def parse_calls(completion: str) -> list[dict] | None:
-    """Model output -> [{"name": str, "arguments": dict}, ...], or None if it is not a call list."""
-    try:
-        if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
-            return None
-        return _parse(completion.strip())
-    except Exception:  # hostile text: RecursionError, MemoryError, ValueError from huge ints...
-        return None
-
-
-def _parse(text: str) -> list[dict] | None:
-    if "<tool_call>" in text:
-        calls = []
-        for block in TOOL_CALL_BLOCK.findall(text):
-            block_calls = _parse_json_calls(block.strip())
-            if block_calls is None:
-                return None
-            calls.extend(block_calls)
-        return calls or None
-    fence = CODE_FENCE.match(text)
-    if fence:
-        text = fence.group(1).strip()
-    calls = _parse_json_calls(text)
-    return calls if calls is not None else _parse_python_calls(text)
-
-
-def _reject_constant(token: str):
-    raise ValueError(f"non-standard JSON constant {token}")  # NaN, Infinity
-
-
-def _parse_json_calls(text: str) -> list[dict] | None:
-    try:
-        document = json.loads(text, parse_constant=_reject_constant)
-    except ValueError:
-        return None
-    items = document if isinstance(document, list) else [document]
-    calls = [_call_from_json(item) for item in items]
-    return None if any(call is None for call in calls) else calls
-
-
-def _call_from_json(item: Any) -> dict | None:
-    if not isinstance(item, dict):
-        return None
-    if "name" not in item and isinstance(item.get("function"), dict):
-        item = item["function"]  # OpenAI's {"type": "function", "function": {...}}
-    name = item.get("name")
-    arguments = item.get("arguments", item.get("parameters", {}))
-    if isinstance(arguments, str):  # OpenAI sends the arguments as a JSON string
-        try:
-            arguments = json.loads(arguments, parse_constant=_reject_constant)
-        except ValueError:
-            return None
-    if not (isinstance(name, str) and name and isinstance(arguments, dict)):
-        return None
-    return {"name": name, "arguments": arguments}
-
-
-def _parse_python_calls(text: str) -> list[dict] | None:
-    try:
-        with warnings.catch_warnings():  # "invalid escape sequence" in model text is not our concern
-            warnings.simplefilter("ignore")
-            body = ast.parse(text, mode="eval").body  # parses only; nothing is compiled or run
-    except SyntaxError:
-        return None
-    nodes = body.elts if isinstance(body, (ast.List, ast.Tuple)) else [body]
-    calls = []
-    for node in nodes:
-        if not isinstance(node, ast.Call) or node.args:  # positional arguments have no names to check
-            return None
-        name = _dotted_name(node.func)
-        if name is None or any(keyword.arg is None for keyword in node.keywords):  # **kwargs
-            return None
-        try:
-            arguments = {keyword.arg: _literal(keyword.value) for keyword in node.keywords}
-        except ValueError:
-            return None
-        calls.append({"name": name, "arguments": arguments})
-    return calls
-
-
-def _dotted_name(node: ast.expr) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        owner = _dotted_name(node.value)
-        return None if owner is None else f"{owner}.{node.attr}"
-    return None
-
-
-def _literal(node: ast.expr) -> Any:
-    """A JSON-like value from a literal node; tuples become lists. ValueError for anything else."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
-        return node.value
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(element) for element in node.elts]
-    if isinstance(node, ast.Dict) and None not in node.keys:  # a None key is a `**spread`
-        keys = [_literal(key) for key in node.keys]
-        if not all(isinstance(key, (str, int, float, bool)) for key in keys):
-            raise ValueError("unhashable dict key")
-        return dict(zip(keys, (_literal(value) for value in node.values)))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _literal(node.operand)
-        if isinstance(operand, (int, float)) and not isinstance(operand, bool):
-            return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.Name) and node.id in JSON_NAMES:
-        return JSON_NAMES[node.id]
-    raise ValueError(f"not a literal: {type(node).__name__}")
 
 
 # ---- checking calls against the ground truth ----------------------------------------
@@ -260,7 +139,7 @@ def _standardize(text: str) -> str:
     return IGNORED_IN_STRINGS.sub("", text).lower().replace("'", '"')
 
 
-# ---- gold calls and prompts ---------------------------------------------------------
+# ---- gold calls ---------------------------------------------------------------------
 
 
 def gold_calls(functions: list[dict], ground_truth: list[dict]) -> list[dict]:
@@ -298,46 +177,6 @@ def _first_choice(option: Any) -> Any:
     return option
 
 
-def format_tools_plain(functions: list[dict]) -> str:
-    """A plain-text tool list, for tokenizers whose chat template ignores `tools`.
-
-    One block per function: a signature line `name(param: type, ...)` with optional
-    parameters marked `?`, the description, then one line per parameter:
-
-        Available functions. Reply with a JSON list of calls, e.g. [{"name": "f", "arguments": {"x": 1}}].
-
-        math.factorial(n: integer, exact?: boolean)
-          Compute the factorial of a number.
-          - n: The number. (required)
-          - exact: Return an exact integer. Default true.
-    """
-    blocks = ['Available functions. Reply with a JSON list of calls, e.g. [{"name": "f", "arguments": {"x": 1}}].']
-    for function in functions:
-        parameters = function.get("parameters") or {}
-        properties, required = parameters.get("properties") or {}, set(parameters.get("required") or ())
-        signature = ", ".join(
-            f"{param}{'' if param in required else '?'}: {_type_name(schema)}" for param, schema in properties.items()
-        )
-        lines = [f"{function['name']}({signature})"]
-        if function.get("description"):
-            lines.append(f"  {function['description']}")
-        for param, schema in properties.items():
-            line = f"  - {param}: {schema.get('description', '')}".rstrip()
-            if "enum" in schema:
-                line += f" One of: {', '.join(map(str, schema['enum']))}."
-            lines.append(line + (" (required)" if param in required else ""))
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
-
-
-def _type_name(schema: dict) -> str:
-    kind = schema.get("type", "any")
-    if isinstance(kind, list):
-        return " | ".join(map(str, kind))
-    items = schema.get("items")
-    return f"{kind}[{_type_name(items)}]" if isinstance(items, dict) else str(kind)
-
-
 # ---- the task -----------------------------------------------------------------------
 
 Paths = str | Sequence[str] | None
@@ -352,6 +191,9 @@ class ToolUseTask:
     """
 
     name = "tooluse"
+    toolbox = None  # single-turn
+    max_turns = 1
+    reads_files = True  # load(split): every record once, in file order
 
     def __init__(
         self,

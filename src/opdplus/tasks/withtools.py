@@ -1,4 +1,4 @@
-"""Any task, with tools the model may call during its rollouts (multi-turn: opdplus.toolloop)."""
+"""Any task, with tools the model may call during its rollouts (multi-turn: opdplus.rollout.hf)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ class WithTools:
         if max_turns < 1:
             raise ValueError(f"max_tool_turns must be a positive integer, got {max_turns}")
         self.task, self.toolbox, self.max_turns = task, toolbox, max_turns
-        self.name, self.max_new_tokens = task.name, task.max_new_tokens
-        if hasattr(task, "load"):  # data tasks: every record once, in file order
-            self.load = lambda split: self._with_tools(task.load(split))
+        self.name, self.max_new_tokens, self.reads_files = task.name, task.max_new_tokens, task.reads_files
 
     def _with_tools(self, examples: list[Example]) -> list[Example]:
         schemas = tuple(self.toolbox.schemas)
         return [example if example.tools else dataclasses.replace(example, tools=schemas) for example in examples]
+
+    def load(self, split: str) -> list[Example]:
+        """A data task's records (only when `reads_files`), every one once, in file order."""
+        return self._with_tools(self.task.load(split))
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         return self._with_tools(self.task.examples(split, n, seed))

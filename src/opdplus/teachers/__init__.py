@@ -1,11 +1,12 @@
-"""Teachers: a model that scores the student's token ids, in this process or behind vLLM / SGLang."""
+"""Teachers: a model that scores the student's rollouts token by token, in this process or behind vLLM / SGLang."""
 
 from __future__ import annotations
 
 import torch
 
-from opdplus.teachers.base import Teacher, TeacherUnavailableError
+from opdplus.teachers.base import Teacher, TeacherUnavailableError, TokenRows
 from opdplus.teachers.local import LocalTeacher
+from opdplus.teachers.sequences import score_sequences
 from opdplus.teachers.served import ServedTeacher, SGLangTeacher, VLLMTeacher
 
 SERVED_APIS = {"vllm": VLLMTeacher, "sglang": SGLangTeacher}
@@ -16,8 +17,10 @@ __all__ = [
     "ServedTeacher",
     "Teacher",
     "TeacherUnavailableError",
+    "TokenRows",
     "VLLMTeacher",
     "get_teacher",
+    "score_sequences",
 ]
 
 

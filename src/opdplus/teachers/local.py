@@ -1,4 +1,10 @@
-"""A teacher in the training process: a Hugging Face causal LM, frozen, scored through `token_logprobs`."""
+"""A teacher in the training process: a Hugging Face causal LM, frozen, scoring the rollouts' padded tensors.
+
+Rows go to the model in batches of `batch_size`; in a batch where several rows share a prompt (samples of one
+prompt), each distinct prompt runs through the model once (`shared_prompt_logprobs`), otherwise the rows run
+whole. Each batch is cut to its own longest prompt and response, so a row's scores do not depend on how long
+the other batches' rows are.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,8 @@ from types import SimpleNamespace
 import torch
 
 from opdplus.logprobs import shared_prompt_logprobs, token_logprobs
-from opdplus.rollout import left_pad, right_pad
-from opdplus.teachers.base import resolve_starts
-from opdplus.tiny.models import load_model_and_tokenizer
-from opdplus.vocab import check_same_vocabulary
+from opdplus.models import load_model_and_tokenizer
+from opdplus.teachers.vocab import check_same_vocabulary
 
 
 class _TemperedHead(torch.nn.Module):
@@ -57,7 +61,7 @@ class _TemperedModel(torch.nn.Module):
 
 
 class LocalTeacher:
-    """A frozen causal LM in this process. Sequences are right-padded into batches of `batch_size`."""
+    """A frozen causal LM in this process, scoring `batch_size` rows at a time."""
 
     def __init__(self, model, tokenizer, *, name: str = "local", device: str | torch.device = "cpu",
                  batch_size: int = 64, temperature: float = 1.0):
@@ -77,39 +81,69 @@ class LocalTeacher:
         return cls(model, tokenizer, name=spec, **options)
 
     @torch.no_grad()
-    def token_logprobs(self, sequences: list[list[int]], start: list[int] | None = None) -> list[torch.Tensor]:
-        starts = resolve_starts(sequences, start)
-        results: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
-        # sequences with nothing to score (start == len) never reach the model
-        todo = [i for i in range(len(sequences)) if starts[i] < len(sequences[i])]
+    def score(self, rollouts) -> torch.Tensor:
+        """float32 [N, T] on `rollouts.input_ids.device`: log p of every real response token, 0 after its end."""
+        prompt_length = rollouts.prompt_length  # P
+        attention_mask = rollouts.attention_mask.to(self.device).long()  # [N, P + T]
+        # padded with this teacher's pad id; any id would do: padded positions are masked out
+        input_ids = rollouts.input_ids.to(self.device).masked_fill(attention_mask == 0, self.pad_id)  # [N, P + T]
+        prompt_lengths = attention_mask[:, :prompt_length].sum(1)  # [N]
+        response_lengths = attention_mask[:, prompt_length:].sum(1)  # [N]
+        empty = (prompt_lengths == 0).nonzero()
+        if len(empty):
+            row = int(empty[0, 0])
+            raise ValueError(f"sequence {row}: start must be in [1, {int(response_lengths[row])}] (its length), got 0")
+        scores = torch.zeros(input_ids.shape[0], input_ids.shape[1] - prompt_length, dtype=torch.float32,
+                             device=self.device)  # [N, T]
+        todo = response_lengths.nonzero()[:, 0]  # rows with nothing to score never reach the model
         for begin in range(0, len(todo), self.batch_size):
-            batch = todo[begin : begin + self.batch_size]
-            for i, scores in zip(batch, self._score_batch([sequences[i] for i in batch], [starts[i] for i in batch])):
-                results[i] = scores
-        return results
+            rows = todo[begin : begin + self.batch_size]
+            batch = self._score_batch(input_ids[rows], attention_mask[rows], prompt_length, prompt_lengths[rows],
+                                      response_lengths[rows])  # [B, longest response in the batch]
+            scores[rows, : batch.shape[1]] = batch
+        return scores.to(rollouts.input_ids.device)
 
-    def _score_batch(self, sequences: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
-        prompts: dict[tuple[int, ...], int] = {}
-        prompt_index = [prompts.setdefault(tuple(ids[:begin]), len(prompts)) for ids, begin in zip(sequences, starts)]
-        if len(prompts) < len(sequences):  # several samples of one prompt: its prefix runs once for all of them
-            return self._score_shared_prompts(sequences, starts, list(prompts), prompt_index)
-        input_ids, attention_mask = right_pad(sequences, self.pad_id)
-        # one forward from the earliest start; each row keeps its own window
-        batch_start = min(starts)
-        scores = token_logprobs(self._scorer, input_ids.to(self.device), attention_mask.to(self.device),
-                                start=batch_start).float().cpu()
-        return [scores[row, begin - batch_start : len(ids) - batch_start]
-                for row, (ids, begin) in enumerate(zip(sequences, starts))]
+    def _score_batch(self, input_ids, attention_mask, prompt_length, prompt_lengths, response_lengths) -> torch.Tensor:
+        first_rows, prompt_index = distinct_prompts(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
+        if len(first_rows) < len(input_ids):  # several samples of one prompt: its prefix runs once for all of them
+            prompt_columns = slice(prompt_length - int(prompt_lengths.max()), prompt_length)
+            response_columns = slice(prompt_length, prompt_length + int(response_lengths.max()))
+            response_mask = attention_mask[:, response_columns]  # [B, T_b]
+            scores = shared_prompt_logprobs(
+                self._scorer, input_ids[first_rows, prompt_columns], attention_mask[first_rows, prompt_columns],
+                prompt_index, input_ids[:, response_columns], response_mask).float()
+            return scores.masked_fill(response_mask == 0, 0.0)
+        return self._score_whole_rows(input_ids, attention_mask, prompt_length, prompt_lengths, response_lengths)
 
-    def _score_shared_prompts(self, sequences, starts, prompts, prompt_index) -> list[torch.Tensor]:
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)  # as the prompts were sampled from
-        response_ids, response_mask = right_pad([ids[begin:] for ids, begin in zip(sequences, starts)], self.pad_id)
-        scores = shared_prompt_logprobs(self._scorer, *(t.to(self.device) for t in (
-            prompt_ids, prompt_mask, torch.tensor(prompt_index), response_ids, response_mask))).float().cpu()
-        return [scores[row, : len(ids) - begin] for row, (ids, begin) in enumerate(zip(sequences, starts))]
+    def _score_whole_rows(self, input_ids, attention_mask, prompt_length, prompt_lengths, response_lengths):
+        """Each row's real tokens moved to the left (prompt then response, right-padded) and scored in one
+        forward from the earliest response start; each row keeps its own window."""
+        lengths = prompt_lengths + response_lengths  # [B]
+        columns = torch.arange(int(lengths.max()), device=input_ids.device)  # [L]
+        real = columns < lengths[:, None]  # [B, L]
+        source = (prompt_length - prompt_lengths)[:, None] + columns  # where each token sits in the rollout
+        rows = input_ids.gather(1, source.clamp(max=input_ids.shape[1] - 1)).masked_fill(~real, self.pad_id)
+        start = int(prompt_lengths.min())
+        scores = token_logprobs(self._scorer, rows, real.long(), start=start).float()  # [B, L - start]
+        steps = torch.arange(int(response_lengths.max()), device=input_ids.device)  # [T_b]
+        window = (prompt_lengths - start)[:, None] + steps  # row b's response starts at its prompt's end
+        picked = scores.gather(1, window.clamp(max=scores.shape[1] - 1))  # [B, T_b]
+        return picked.masked_fill(steps >= response_lengths[:, None], 0.0)
 
     def check_tokenizer(self, tokenizer) -> None:
         check_same_vocabulary(tokenizer, self.tokenizer)
 
     def close(self) -> None:
         pass
+
+
+def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first row of each distinct prompt [U], in order of appearance; each row's prompt in that order [B])
+    for left-padded prompts [B, P] whose padding holds one and the same id."""
+    unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    rows = torch.arange(len(prompt_ids), device=prompt_ids.device)
+    first = torch.full((len(unique),), len(prompt_ids), device=prompt_ids.device).scatter_reduce(
+        0, inverse, rows, "amin")  # [U] in torch.unique's sorted order
+    order = first.argsort()
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return first[order], rank[inverse]

@@ -10,21 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from opdplus.teachers.base import Teacher
+from opdplus.teachers.base import Teacher, TokenRows
 
 DEFAULT = "default"
-
-
-def response_sequences(input_ids, attention_mask, response_mask) -> tuple[list[list[int]], list[int]]:
-    """Each row's real tokens (the prompt without its left padding, then the response: the sampled tokens and,
-    in a multi-turn rollout, the tool results between them) and the index where the response starts."""
-    width = response_mask.shape[1]  # the response region is the last `width` columns
-    sequences, starts = [], []
-    for ids, keep in zip(input_ids, attention_mask):
-        tokens = ids[keep.bool()].tolist()
-        sequences.append(tokens)
-        starts.append(len(tokens) - int(keep[-width:].sum()))
-    return sequences, starts
 
 
 class TeacherRouter:
@@ -46,27 +34,27 @@ class TeacherRouter:
         for teacher in self.teachers.values():
             teacher.check_tokenizer(tokenizer)
 
-    def score(self, input_ids, attention_mask, response_mask, routes: list[str | None]) -> torch.Tensor:
-        """Teacher log-probs of exactly the response's token ids: float32 [N, T], 0 after each row's end (tool
-        results are scored too, in place; the loss masks them out)."""
-        sequences, starts = response_sequences(input_ids, attention_mask, response_mask)
+    def score(self, rollouts, routes: list[str | None]) -> torch.Tensor:
+        """Teacher log-probs of exactly the response's token ids: float32 [N, T] on the rollouts' device, 0 after
+        each row's end (tool results are scored too, in place; the loss masks them out). routes[n] names row n's
+        teacher (None: the default one)."""
         groups: dict[str, list[int]] = {}
         for row, name in enumerate(routes):
             groups.setdefault(name or DEFAULT, []).append(row)
-        scores = torch.zeros(response_mask.shape, dtype=torch.float32)
-
-        def score_group(name: str) -> None:
-            rows = groups[name]
-            values = self.teachers[name].token_logprobs([sequences[r] for r in rows], [starts[r] for r in rows])
-            for row, row_values in zip(rows, values):
-                scores[row, : len(row_values)] = row_values
-
         if len(groups) == 1:
-            score_group(next(iter(groups)))
-        else:
-            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-                list(pool.map(score_group, groups))
-        return scores.to(response_mask.device)
+            return self.teachers[next(iter(groups))].score(rollouts)
+
+        def score_group(name: str) -> torch.Tensor:  # [rows of this teacher, T]
+            return self.teachers[name].score(TokenRows.select(rollouts, groups[name]))
+
+        with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+            group_scores = dict(zip(groups, pool.map(score_group, groups)))
+        input_ids = rollouts.input_ids  # [N, P + T]
+        scores = torch.zeros(input_ids.shape[0], input_ids.shape[1] - rollouts.prompt_length, dtype=torch.float32,
+                             device=input_ids.device)  # [N, T]
+        for name, rows in groups.items():
+            scores[torch.tensor(rows, device=input_ids.device)] = group_scores[name]
+        return scores
 
     def close(self) -> None:
         for teacher in self.teachers.values():

@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from opdplus.teachers.base import MISMATCH, probe_strings, resolve_starts
 from opdplus.teachers.http import JsonClient
+from opdplus.teachers.sequences import resolve_starts, to_sequences
+from opdplus.teachers.vocab import MISMATCH, probe_strings
 
 
 class ServedTeacher:
@@ -55,16 +56,22 @@ class ServedTeacher:
             raise ValueError(f"{self.url} serves {len(models)} models {models}; pick one with model=...")
         return models[0]
 
-    def token_logprobs(self, sequences: list[list[int]], start: list[int] | None = None) -> list[torch.Tensor]:
-        starts = resolve_starts(sequences, start)
-        sequences = [[int(token) for token in ids] for ids in sequences]  # tensors' ints are not JSON
+    def score(self, rollouts) -> torch.Tensor:
+        """float32 [N, T] on `rollouts.input_ids.device`: log p of every real response token, 0 after its end.
+        The server takes token lists: each row's real tokens go out, its response's scores come back."""
+        sequences, starts = to_sequences(rollouts)
+        resolve_starts(sequences, starts)  # refuses a row without a prompt token: its first token has no context
+        scores = torch.zeros(rollouts.input_ids.shape[0], rollouts.input_ids.shape[1] - rollouts.prompt_length,
+                             dtype=torch.float32)  # [N, T]
         batches = [sequences[i : i + self.batch_size] for i in range(0, len(sequences), self.batch_size)]
         if not batches:
-            return []
+            return scores.to(rollouts.input_ids.device)
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(batches))) as pool:
             scored = [row for batch in pool.map(self._score_batch, batches) for row in batch]
-        # scored[i][k - 1] is log p(ids[k] | ids[:k]); keep k = start .. len - 1
-        return [torch.tensor(row[begin - 1 :], dtype=torch.float32) for row, begin in zip(scored, starts)]
+        for row, (values, begin) in enumerate(zip(scored, starts)):
+            response = values[begin - 1 :]  # values[k - 1] is log p(ids[k] | ids[:k]); keep k = start .. len - 1
+            scores[row, : len(response)] = torch.tensor(response, dtype=torch.float32)
+        return scores.to(rollouts.input_ids.device)
 
     def _score_batch(self, batch: list[list[int]]) -> list[list[float]]:
         """For each sequence, log p(ids[k] | ids[:k]) for k = 1 .. len - 1."""

@@ -1,6 +1,6 @@
 """Tiny character-level models and tokenizer used for CPU-sized OPD experiments."""
 
-from opdplus.tiny.models import TINY_MODELS, load_model_and_tokenizer, resolve_model, tiny_config
+from opdplus.tiny.llama import ASSETS_DIR, TINY_MODELS, TINY_PREFIX, tiny_config
 from opdplus.tiny.tokenizer import build_char_tokenizer
 
-__all__ = ["TINY_MODELS", "build_char_tokenizer", "load_model_and_tokenizer", "resolve_model", "tiny_config"]
+__all__ = ["ASSETS_DIR", "TINY_MODELS", "TINY_PREFIX", "build_char_tokenizer", "tiny_config"]

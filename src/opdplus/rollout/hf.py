@@ -1,4 +1,8 @@
-"""Multi-turn rollouts with tools: the model calls the task's tools, reads their results, and goes on.
+"""The HF engine: the training model samples its own rollouts, single-turn or multi-turn with tools.
+
+Single-turn: each prompt gets `num_samples` responses through their first EOS.
+
+Multi-turn, when the task gives the model tools:
 
     for turn in 1..max_turns:
         every unfinished row samples one assistant turn (through its end-of-turn token, exact on-policy)
@@ -9,42 +13,91 @@
 Each row becomes one token sequence, prompt + [turn, tool results, turn, ...]. The tool-result tokens are
 in the attention mask (the student and the teacher both read them: the teacher scores every later token
 given the same results) but not in the response mask, so they get no loss and pass no credit in the
-advantage sums (opdplus.advantages skips masked positions). The sampled tokens are kept as sampled; only
-the environment's text is tokenized, and teacher and student see the same ids.
+advantage sums (opdplus.objective.advantages skips masked positions). The sampled tokens are kept as sampled;
+only the environment's text is tokenized, and teacher and student see the same ids.
 """
 
 from __future__ import annotations
 
 import torch
 
-from opdplus.rollout import (
-    Rollouts,
+from opdplus.rollout.prompts import (
     conversation,
     encode_prompts,
     eos_token_ids,
-    generate_responses,
     left_pad,
     pad_token_id,
     render_conversation,
     right_pad,
-    sample,
-    warn_if_off_policy,
 )
-from opdplus.tasks.tooluse import parse_calls
-from opdplus.tools import ToolBox
+from opdplus.rollout.responses import generate_responses, warn_if_off_policy
+from opdplus.rollout.rollouts import Rollouts
+from opdplus.tools import ToolBox, parse_calls
+
+
+class HFEngine:
+    """Samples with the model it holds: at temperature 1, no top-k, no top-p, y ~ p_θ exactly; `greedy`
+    decodes the most likely tokens instead (evaluation). With a `toolbox`, rollouts run up to `max_turns`
+    assistant turns."""
+
+    def __init__(self, model, tokenizer, *, toolbox: ToolBox | None = None, max_turns: int = 1,
+                 greedy: bool = False, temperature: float = 1.0, top_k: int | None = 0, top_p: float = 1.0,
+                 max_prompt_length: int | None = None):
+        self.model, self.tokenizer, self.toolbox, self.max_turns = model, tokenizer, toolbox, max_turns
+        self.sampling = {"greedy": greedy, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                         "max_prompt_length": max_prompt_length}
+
+    def generate(self, examples: list, *, num_samples: int, max_new_tokens: int) -> Rollouts:
+        """`num_samples` rollouts per example (strings or Examples), rows grouped: example 0's first."""
+        if self.toolbox is None:
+            return sample(self.model, self.tokenizer, examples, num_samples=num_samples,
+                          max_new_tokens=max_new_tokens, **self.sampling)
+        return sample_with_tools(self.model, self.tokenizer, examples, self.toolbox, max_turns=self.max_turns,
+                                 num_samples=num_samples, max_new_tokens=max_new_tokens, **self.sampling)
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # the training model samples itself: nothing to copy
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: list,  # strings (one user turn each) or Examples (messages, tools)
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = 0,
+    top_p: float = 1.0,
+    max_prompt_length: int | None = None,
+) -> Rollouts:
+    """Sample `num_samples` responses per prompt (rows are grouped: prompt 0's samples first).
+
+    `max_prompt_length` truncates prompts on the left, keeping the end next to the response.
+    """
+    warn_if_off_policy(greedy, temperature, top_k, top_p)
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = pad_token_id(tokenizer, eos_ids)
+    prompt_index = [i for i in range(len(prompts)) for _ in range(num_samples)]
+    unique = encode_prompts(tokenizer, prompts, max_prompt_length)  # each prompt rendered once
+    prompt_ids, prompt_mask, response_ids, response_mask = generate_responses(
+        model, [unique[i] for i in prompt_index], max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+        greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    return Rollouts.single_turn(tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index)
 
 
 def sample_with_tools(model, tokenizer, examples: list, toolbox: ToolBox, *, max_turns: int, num_samples: int = 1,
                       max_new_tokens: int, greedy: bool = False, temperature: float = 1.0, top_k: int | None = 0,
-                      top_p: float = 1.0) -> Rollouts:
-    """Like `opdplus.rollout.sample`, with up to `max_turns` assistant turns per row; `max_new_tokens` is
-    per turn. `completions` are the last assistant turns, `transcripts` the messages after the prompt."""
+                      top_p: float = 1.0, max_prompt_length: int | None = None) -> Rollouts:
+    """Like `sample`, with up to `max_turns` assistant turns per row; `max_new_tokens` is per turn.
+    `completions` are the last assistant turns, `transcripts` the messages after the prompt."""
     warn_if_off_policy(greedy, temperature, top_k, top_p)
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
     eos_text = tokenizer.decode(eos_ids[:1])
     prompt_index = [i for i in range(len(examples)) for _ in range(num_samples)]
-    unique = encode_prompts(tokenizer, examples)
+    unique = encode_prompts(tokenizer, examples, max_prompt_length)
     prompts = [unique[i] for i in prompt_index]
     rows = len(prompts)
     response = [[] for _ in range(rows)]  # token ids after the prompt
@@ -112,11 +165,3 @@ def tool_results_text(tokenizer, history: list[dict], tools: list[dict] | None, 
     if eos_text and closing.startswith(eos_text):  # the model already emitted the end-of-turn token itself
         closing = closing[len(eos_text) :]
     return closing + after[len(before) :]
-
-
-def sample_for_task(model, tokenizer, task, examples: list, **options) -> Rollouts:
-    """`opdplus.rollout.sample`, or `sample_with_tools` when the task gives the model tools to call."""
-    toolbox = getattr(task, "toolbox", None)
-    if toolbox is None:
-        return sample(model, tokenizer, examples, **options)
-    return sample_with_tools(model, tokenizer, examples, toolbox, max_turns=task.max_turns, **options)

@@ -1,4 +1,4 @@
-"""Rollout backends: HF generate on a tiny model, and the vLLM backend against a fake engine (no vLLM needed)."""
+"""Rollout engines: the HF engine on a tiny model, and the vLLM engine against a fake vLLM (no vLLM needed)."""
 
 import os
 import subprocess
@@ -8,14 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opdplus.backends import (
-    ON_POLICY_SAMPLING,
-    HFBackend,
-    RolloutBackend,
-    VLLMBackend,
-    get_backend,
-)
-from opdplus.rollout import encode_prompts, sample
+from opdplus.rollout import encode_prompts
+from opdplus.rollout.engine import RolloutEngine, make_engine
+from opdplus.rollout.hf import HFEngine, sample
+from opdplus.rollout.vllm import ON_POLICY_SAMPLING, VLLMEngine
+from opdplus.tasks import ArithTask
 from opdplus.tiny.tokenizer import build_char_tokenizer
 
 PROMPTS = ["1+1=", "12*34="]
@@ -30,7 +27,7 @@ class FakeVLLMModel:
         return {name for name, _ in self.loaded}
 
 
-class FakeEngine:
+class FakeLLM:
     """Answers like `vllm.LLM.generate`: one RequestOutput per prompt, `n` CompletionOutputs each, with the
     sampled token's Logprob per position. `canned[i]` lists prompt i's responses."""
 
@@ -45,7 +42,7 @@ class FakeEngine:
             SimpleNamespace(index=k, token_ids=tokens,
                             logprobs=[{token: SimpleNamespace(logprob=-0.5 - position, rank=1)}
                                       for position, token in enumerate(tokens)])
-            for k, tokens in reversed(list(enumerate(self.canned[i])))  # out of order: the backend sorts by index
+            for k, tokens in reversed(list(enumerate(self.canned[i])))  # out of order: the engine sorts by index
         ]) for i, prompt in enumerate(prompts)]
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
@@ -63,16 +60,16 @@ def student(models):
     return AutoModelForCausalLM.from_pretrained(models["student"])
 
 
-def test_hf_backend_samples_exactly_on_policy(student):
+def test_hf_engine_samples_exactly_on_policy(student):
     tokenizer = build_char_tokenizer()
-    backend = HFBackend(student, tokenizer)
-    assert isinstance(backend, RolloutBackend)
+    engine = HFEngine(student, tokenizer)
+    assert isinstance(engine, RolloutEngine)
     calls = []
     student.generate = lambda **kwargs: calls.append(kwargs)  # exact sampling must not go through generate()
     torch.manual_seed(0)
-    rollouts = backend.generate(PROMPTS, num_samples=3, max_new_tokens=5)
+    rollouts = engine.generate(PROMPTS, num_samples=3, max_new_tokens=5)
     assert calls == []
-    torch.manual_seed(0)  # the very samples of the exact loop (opdplus.sampler)
+    torch.manual_seed(0)  # the very samples of the exact loop (opdplus.rollout.sampler)
     assert torch.equal(rollouts.input_ids, sample(student, tokenizer, PROMPTS, num_samples=3, max_new_tokens=5).input_ids)
     prompt_length = max(len(ids) for ids in encode_prompts(tokenizer, PROMPTS))
     assert rollouts.prompt_length == prompt_length
@@ -80,28 +77,28 @@ def test_hf_backend_samples_exactly_on_policy(student):
     assert rows == 6 and 1 <= width <= 5 and rollouts.input_ids.shape == (6, prompt_length + width)
     assert rollouts.attention_mask.shape == rollouts.input_ids.shape
     assert rollouts.prompt_index == [0, 0, 0, 1, 1, 1] and len(rollouts.completions) == 6
-    other = HFBackend(None, tokenizer)
+    other = HFEngine(None, tokenizer)
     other.sync_weights(student)  # HF samples with whatever model it was last given
     assert other.model is student
 
 
 def test_vllm_sampling_is_forced_on_policy():
     tokenizer = build_char_tokenizer()
-    engine = FakeEngine([[[5, tokenizer.eos_token_id]], [[6, tokenizer.eos_token_id]]])
+    llm = FakeLLM([[[5, tokenizer.eos_token_id]], [[6, tokenizer.eos_token_id]]])
     with pytest.warns(UserWarning, match="top_k"):
-        backend = VLLMBackend("unused", tokenizer, engine=engine, sampling_params_class=dict,
+        engine = VLLMEngine("unused", tokenizer, llm=llm, sampling_params_class=dict,
                               sampling_options={"top_k": 50, "temperature": 0.7, "presence_penalty": 0.5, "seed": 3})
-    backend.generate(PROMPTS, num_samples=1, max_new_tokens=7)
-    params = engine.params[0]
+    engine.generate(PROMPTS, num_samples=1, max_new_tokens=7)
+    params = llm.params[0]
     assert {name: params[name] for name in ON_POLICY_SAMPLING} == ON_POLICY_SAMPLING
     assert params["temperature"] == 1.0 and params["top_k"] == -1 and params["top_p"] == 1.0
     assert params["min_p"] == 0.0 and params["logprobs"] == 0
     assert params["seed"] == 3  # options that do not change the distribution pass through
     assert (params["n"], params["max_tokens"], params["stop_token_ids"]) == (1, 7, [tokenizer.eos_token_id])
     with pytest.raises(ValueError, match="max_tokens"):
-        VLLMBackend("unused", tokenizer, engine=engine, sampling_params_class=dict, sampling_options={"max_tokens": 3})
+        VLLMEngine("unused", tokenizer, llm=llm, sampling_params_class=dict, sampling_options={"max_tokens": 3})
     with pytest.raises(ValueError, match="logits_processors"):
-        VLLMBackend("unused", tokenizer, engine=engine, sampling_params_class=dict, logits_processors=[abs])
+        VLLMEngine("unused", tokenizer, llm=llm, sampling_params_class=dict, logits_processors=[abs])
 
 
 def test_vllm_outputs_become_rollouts_with_pad_equal_to_eos(student):
@@ -112,14 +109,14 @@ def test_vllm_outputs_become_rollouts_with_pad_equal_to_eos(student):
         [[10, 11, eos], [12, 13, 14, 15, 16]],  # ends with EOS; truncated at max_new_tokens (no EOS)
         [[17, eos], [18, eos, 19]],  # short; a token after the first EOS is masked and padded
     ]
-    engine = FakeEngine(canned)
-    backend = VLLMBackend("unused", tokenizer, eos_token_ids=[eos], engine=engine, sampling_params_class=dict)
-    rollouts = backend.generate(PROMPTS, num_samples=2, max_new_tokens=5)
+    llm = FakeLLM(canned)
+    engine = VLLMEngine("unused", tokenizer, eos_token_ids=[eos], llm=llm, sampling_params_class=dict)
+    rollouts = engine.generate(PROMPTS, num_samples=2, max_new_tokens=5)
 
     encoded = encode_prompts(tokenizer, PROMPTS)
-    assert engine.prompts == [{"prompt_token_ids": ids} for ids in encoded]  # token ids, not text
-    # prompts are laid out exactly as the HF backend lays them out
-    hf = HFBackend(student, tokenizer).generate(PROMPTS, num_samples=2, max_new_tokens=2)
+    assert llm.prompts == [{"prompt_token_ids": ids} for ids in encoded]  # token ids, not text
+    # prompts are laid out exactly as the HF engine lays them out
+    hf = HFEngine(student, tokenizer).generate(PROMPTS, num_samples=2, max_new_tokens=2)
     prompt_length = rollouts.prompt_length
     assert prompt_length == hf.prompt_length
     assert torch.equal(rollouts.input_ids[:, :prompt_length], hf.input_ids[:, :prompt_length])
@@ -139,36 +136,36 @@ def test_vllm_outputs_become_rollouts_with_pad_equal_to_eos(student):
 
 def test_vllm_sync_weights_loads_the_model_tensors(student):
     tokenizer = build_char_tokenizer()
-    engine = FakeEngine([])
-    backend = VLLMBackend("unused", tokenizer, engine=engine, sampling_params_class=dict)
+    llm = FakeLLM([])
+    engine = VLLMEngine("unused", tokenizer, llm=llm, sampling_params_class=dict)
     with torch.no_grad():
         student.model.embed_tokens.weight.add_(1.0)  # a trained model differs from its directory
-    backend.sync_weights(student)
-    loaded = dict(engine.model.loaded)
+    engine.sync_weights(student)
+    loaded = dict(llm.model.loaded)
     state = student.state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[name], state[name]) for name in state)
-    assert engine.cache_resets == 1  # KV blocks cached under the old weights are dropped
+    assert llm.cache_resets == 1  # KV blocks cached under the old weights are dropped
 
 
-def test_get_backend(student):
+def test_make_engine(student):
     tokenizer = build_char_tokenizer()
-    assert isinstance(get_backend("hf", student, tokenizer), HFBackend)
-    engine = FakeEngine([])
-    backend = get_backend("vllm", student, tokenizer, engine=engine, sampling_params_class=dict)
-    assert isinstance(backend, VLLMBackend) and isinstance(backend, RolloutBackend)
-    assert engine.model.loaded is not None  # the engine starts from the model's current weights
-    assert backend.eos_ids == [tokenizer.eos_token_id]
+    assert isinstance(make_engine("hf", student, tokenizer, ArithTask()), HFEngine)
+    llm = FakeLLM([])
+    engine = make_engine("vllm", student, tokenizer, ArithTask(), llm=llm, sampling_params_class=dict)
+    assert isinstance(engine, VLLMEngine) and isinstance(engine, RolloutEngine)
+    assert llm.model.loaded is not None  # vLLM starts from the model's current weights
+    assert engine.eos_ids == [tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="unknown rollout backend"):
-        get_backend("sglang", student, tokenizer)
+        make_engine("sglang", student, tokenizer, ArithTask())
 
 
 REAL_VLLM_CHECK = """
 import sys, torch
 from transformers import LlamaForCausalLM
-from opdplus.backends import get_backend
+from opdplus.rollout.engine import make_engine
 from opdplus.logprobs import token_logprobs
-from opdplus.tiny.models import tiny_config
+from opdplus.tiny import tiny_config
 from opdplus.tiny.tokenizer import build_char_tokenizer
 
 path, tokenizer = sys.argv[1], build_char_tokenizer()
@@ -179,10 +176,11 @@ config.initializer_range = 0.1  # peaked, varied log-probs
 LlamaForCausalLM(config).save_pretrained(path)
 tokenizer.save_pretrained(path)
 model = LlamaForCausalLM.from_pretrained(path)
-backend = get_backend("vllm", model, tokenizer, max_model_len=256, enforce_eager=True, sampling_options={"seed": 1})
+engine = make_engine("vllm", model, tokenizer, max_model_len=256, enforce_eager=True,
+                     sampling_options={"seed": 1})
 
 def gap():  # largest |vLLM - HF| log-prob of a sampled token
-    rollouts = backend.generate(["1+1=", "12*34=", "hello"], num_samples=4, max_new_tokens=24)
+    rollouts = engine.generate(["1+1=", "12*34=", "hello"], num_samples=4, max_new_tokens=24)
     with torch.no_grad():
         scored = token_logprobs(model, rollouts.input_ids, rollouts.attention_mask, start=rollouts.prompt_length)
     return (scored - rollouts.sampling_logprobs)[rollouts.response_mask].abs().max().item()
@@ -192,7 +190,7 @@ with torch.no_grad():
     for parameter in model.parameters():
         parameter.add_(torch.randn_like(parameter) * 0.05)
 stale = gap()
-backend.sync_weights(model)
+engine.sync_weights(model)
 print(before, stale, gap())
 """
 

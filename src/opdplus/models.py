@@ -1,49 +1,19 @@
-"""Tiny Llama configs and the `tiny:<name>` model registry.
+"""Loading a causal LM for training or scoring, and preparing it to be trained.
 
-The tiny models are ordinary `LlamaForCausalLM` checkpoints (safetensors) that ship
-inside the package, so everything that works on them works on a Hub model too:
-`load_model_and_tokenizer("tiny:arith-student")` and
-`load_model_and_tokenizer("Qwen/Qwen3-0.6B")` take the same code path.
+One loader for every model: `load_model_and_tokenizer("tiny:arith-student")` and
+`load_model_and_tokenizer("Qwen/Qwen3-0.6B")` take the same code path (`tiny:` names only map to the
+checkpoints packaged in opdplus/assets/tiny).
 """
+
+from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-TINY_PREFIX = "tiny:"
-TINY_MODELS = ("arith-teacher", "arith-student", "toolcall-teacher", "toolcall-student")
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
-
-
-def tiny_config(
-    vocab_size: int,
-    n_layers: int,
-    hidden: int,
-    n_heads: int,
-    *,
-    intermediate_size: int | None = None,
-    max_position_embeddings: int = 128,
-    pad_token_id: int | None = None,
-    eos_token_id: int | None = None,
-) -> LlamaConfig:
-    """A plain LlamaConfig for a model with a few hundred thousand parameters."""
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_heads,
-        # 2x instead of Llama's ~2.7x: keeps the models small; the tasks need little MLP capacity.
-        intermediate_size=intermediate_size or 2 * hidden,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,  # the embedding matrix is a big share of such a small model
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        bos_token_id=None,  # the char tokenizer has no BOS; the chat template starts with <|user|>
-        dtype="float32",
-    )
+from opdplus.tiny import ASSETS_DIR, TINY_MODELS, TINY_PREFIX
 
 
 def resolve_model(spec: str) -> str:
@@ -87,3 +57,23 @@ def _load(path: str, dtype: torch.dtype):
         # masks are computed from the first EOS, never from pad ids.
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def with_lora(model, *, r: int, alpha: float, seed: int, resume_from: Path | None):
+    """Wrap the model with LoRA adapters on every linear layer (fresh, or the checkpoint's when resuming);
+    only the adapters train. Checkpoints then hold the adapters, `final/` the merged model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if resume_from is not None:
+        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
+    with torch.random.fork_rng():  # the adapters' random initialisation follows the run's seed
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora)
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout's p to 0: sampling, scoring and training must see one and the same policy."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from opdplus.advantages import (
+from opdplus.objective.advantages import (
     advantages_from_log_ratio,
     check_estimator,
     check_gamma,
@@ -23,7 +23,7 @@ from opdplus.advantages import (
     check_token_inputs,
     log_ratios,
 )
-from opdplus.divergences import Divergence, get_divergence
+from opdplus.objective.divergences import Divergence, get_divergence
 
 REDUCTIONS = ("token-mean", "sequence-mean", "sum")
 
@@ -75,13 +75,34 @@ def opd_loss(
     mask = check_token_inputs(
         mask, logprobs=logprobs, teacher_logprobs=teacher_logprobs, behavior_logprobs=behavior_logprobs
     )
+    loss, metrics, _ = policy_gradient_loss(
+        logprobs, teacher_logprobs, mask, divergence, estimator, gamma, log_ratio_clip, center, clip_eps,
+        behavior_logprobs=behavior_logprobs, reduction=reduction, num_tokens=num_tokens)
+    return loss, metrics
 
+
+def policy_gradient_loss(
+    logprobs: Tensor,  # [B, T] current policy, with gradient
+    teacher_logprobs: Tensor,  # [B, T]
+    mask: Tensor,  # [B, T] bool
+    divergence: Divergence,
+    estimator: str,
+    gamma: float,
+    log_ratio_clip: float | None,
+    center: bool,
+    clip_eps: float | None,
+    *,
+    behavior_logprobs: Tensor | None,  # [B, T] or None (on-policy)
+    reduction: str,
+    num_tokens: int | float | None,
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """`opd_loss` on already-validated arguments: (loss, metrics, advantages [B, T])."""
     # The policy the advantage is evaluated at: always the current one for opd+ (exact off-policy weight).
     off_policy = behavior_logprobs is not None
     advantage_policy = behavior_logprobs if off_policy and estimator == "opd" else logprobs
     with torch.no_grad():
-        log_ratio = log_ratios(advantage_policy, teacher_logprobs, mask, log_ratio_clip)
-        advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma, center)
+        log_ratio = log_ratios(advantage_policy, teacher_logprobs, mask, log_ratio_clip)  # [B, T]
+        advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma, center)  # [B, T]
 
     safe_logprobs = torch.where(mask, logprobs, 0.0)
     if off_policy:
@@ -109,8 +130,9 @@ def opd_loss(
         sequence_means = per_token_loss.sum(-1) / tokens_per_sequence.clamp(min=1)
         loss = sequence_means.sum() / (tokens_per_sequence > 0).sum().clamp(min=1)
 
-    return loss, _metrics(loss, logprobs, teacher_logprobs, mask, log_ratio, advantages, ppo_clipped,
-                          divergence, log_ratio_clip)
+    metrics = _metrics(loss, logprobs, teacher_logprobs, mask, log_ratio, advantages, ppo_clipped, divergence,
+                       log_ratio_clip)
+    return loss, metrics, advantages
 
 
 def _metrics(loss, logprobs, teacher_logprobs, mask, log_ratio, advantages, ppo_clipped, divergence,

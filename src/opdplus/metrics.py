@@ -1,0 +1,80 @@
+"""What a run writes about itself while it trains: metrics.jsonl, TensorBoard scalars, timings."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+from opdplus.checkpoint import atomic_write_text
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per step) and, optionally, TensorBoard scalars.
+
+    On resume the file is cut back to the checkpoint's step, so a step is never logged twice.
+    """
+
+    def __init__(self, out: Path, keep_through: int, tensorboard: bool, enabled: bool = True):
+        self.enabled, self.last_accuracy, self.handle, self.writer = enabled, float("nan"), None, None
+        if not enabled:  # a data-parallel worker other than process 0
+            return
+        self.path = out / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_through]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.last_accuracy = next((json.loads(line)["greedy_accuracy"] for line in reversed(kept)
+                                   if "greedy_accuracy" in json.loads(line)), float("nan"))
+        self.handle = open(self.path, "a")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=keep_through + 1)
+
+    def write(self, record: dict) -> dict:
+        if not self.enabled:
+            return record
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if "greedy_accuracy" in record:
+            self.last_accuracy = record["greedy_accuracy"]
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(key, value, record["step"])
+        return record
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Stopwatch:
+    """`with clock("name"):` adds the block's wall time to clock.seconds["name"]."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def combine(parts: list[dict]) -> dict:
+    """Merge micro-batch metrics: token-weighted means, max of maxima, sums of counts and losses."""
+    tokens = sum(part["num_tokens"] for part in parts) or 1.0
+    merged = {key: sum(part[key] * part["num_tokens"] for part in parts) / tokens for key in parts[0]}
+    merged["advantage_abs_max"] = max(part["advantage_abs_max"] for part in parts)
+    merged["num_tokens"] = tokens
+    merged["loss"] = sum(part["loss"] for part in parts)  # each part is already divided by the global count
+    return merged
