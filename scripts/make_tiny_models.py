@@ -3,8 +3,8 @@
 For each task we train
   * a teacher: a 3-layer, width-128 Llama trained to (near) perfect held-out accuracy, regularised so
     that its float32 log-probs stay within ~1e-5 of float64 ones even on random token sequences;
-  * a student initialisation: a 2-layer, width-64 Llama trained only until its greedy
-    held-out accuracy first lands in [25%, 40%], leaving room for distillation to help.
+  * a student initialisation: a 2-layer, width-64 Llama (2 heads of 32) trained only until its greedy
+    held-out accuracy first lands in its window (25-40%), leaving room for distillation to help.
 
 SFT is plain teacher-forced next-token cross-entropy on
 `render_prompt(prompt) + response + eos`, with the loss only on response tokens (incl. EOS).
@@ -36,7 +36,9 @@ from opdplus.tiny import ASSETS_DIR, build_char_tokenizer, tiny_config
 
 TASKS = ("arith", "toolcall")
 N_TEST = 500
-STUDENT_WINDOW = (0.25, 0.40)  # stop the student as soon as its greedy accuracy lands in here
+# Stop each student as soon as its greedy accuracy lands in its window. arith's starts at 33%: the demo was
+# measured with a 37% arith student, and the rebuilt one (2 heads of 32) first landed at 27% in [25%, 40%].
+STUDENT_WINDOW = {"arith": (0.33, 0.40), "toolcall": (0.25, 0.40)}
 
 
 @dataclass
@@ -73,9 +75,12 @@ TEACHER = {
 }
 # Students use a lower constant lr and frequent evaluation: at lr 3e-3 the arith student
 # jumped from 22% to 41% within 50 steps, straight over the window.
+# Two heads of 32 (not four of 16): vLLM's CPU attention has no head_dim-16 kernel, and the students are what
+# `--rollout-backend vllm` serves. The head count does not change the parameter count.
 STUDENT = {
     task: Recipe(
-        n_layers=2, hidden=64, n_heads=4, max_steps=4000, lr=2e-3, cosine_decay=False, eval_every=25, stop_window=STUDENT_WINDOW
+        n_layers=2, hidden=64, n_heads=2, max_steps=4000, lr=2e-3, cosine_decay=False, eval_every=25,
+        stop_window=STUDENT_WINDOW[task]
     )
     for task in TASKS
 }
@@ -206,8 +211,8 @@ def write_summary(seed: int) -> dict:
         "`opdplus.models.load_model_and_tokenizer('tiny:<name>')`.",
         "",
         f"Accuracy: greedy, on {N_TEST} held-out test problems; avg@4: four temperature-1 samples each.",
-        f"Students are stopped at the first evaluation (every 25 steps) with greedy accuracy in "
-        f"[{STUDENT_WINDOW[0]:.0%}, {STUDENT_WINDOW[1]:.0%}].",
+        "Students are stopped at the first evaluation (every 25 steps) with greedy accuracy in their window: "
+        + ", ".join(f"{task} [{low:.0%}, {high:.0%}]" for task, (low, high) in STUDENT_WINDOW.items()) + ".",
         "fp32 error: max |log-prob in float32 - in float64| over 64 random token sequences (lengths 2-128);",
         "a served float32 copy (e.g. vLLM) matches the in-process model only to about this precision.",
         "",

@@ -193,11 +193,14 @@ def test_lora_under_fsdp_trains_like_ddp(tmp_path):
     start = load_file(Path(resolve_model("tiny:arith-student")) / "model.safetensors")
     assert finals["fsdp"].keys() == finals["ddp"].keys() == start.keys()
     assert any(not torch.equal(finals["fsdp"][name], start[name]) for name in start)  # the merged adapters moved it
-    for name in start:
-        torch.testing.assert_close(finals["fsdp"][name], finals["ddp"][name], rtol=0, atol=1e-5)
     adapters = {name: load_file(tmp_path / name / "checkpoint-2" / "adapter_model.safetensors") for name in finals}
-    for key in adapters["ddp"]:
-        torch.testing.assert_close(adapters["fsdp"][key], adapters["ddp"][key], rtol=0, atol=1e-5)
+    for ours, theirs in [(finals["fsdp"], finals["ddp"]), (adapters["fsdp"], adapters["ddp"])]:
+        # Adam's first steps divide by |gradient|, so an adapter element whose gradient is near zero turns the
+        # rounding differences of the two reductions into up to ~3e-4 (seen); a real fault (averaged gradients,
+        # lost adapters) moves most elements by a step's size, lr = 1e-2
+        differences = torch.cat([(ours[key] - theirs[key]).abs().flatten() for key in theirs])
+        assert float(differences.max()) < 1e-3
+        assert float((differences > 1e-5).float().mean()) < 0.01
 
 
 @NEEDS_DEEPSPEED

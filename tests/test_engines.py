@@ -1,5 +1,6 @@
 """Rollout engines: the HF engine on a tiny model, and the vLLM engine against a fake vLLM (no vLLM needed)."""
 
+import copy
 import os
 import subprocess
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from opdplus.models import with_lora
 from opdplus.rollout import encode_prompts
 from opdplus.rollout.engine import RolloutEngine, make_engine
 from opdplus.rollout.hf import HFEngine, sample
@@ -148,6 +150,36 @@ def test_vllm_sync_weights_loads_the_model_tensors(student):
     assert llm.cache_resets == 1  # KV blocks cached under the old weights are dropped
 
 
+def test_vllm_sync_of_a_lora_student_sends_merged_weights_and_leaves_the_model_alone(student):
+    """LoRA: the engine gets W + scale * B A under the plain model's names; the trained model (base weights and
+    adapters) is bit-for-bit what it was, so the next update starts from exactly the trained parameters."""
+    tokenizer = build_char_tokenizer()
+    plain_names = set(student.state_dict())
+    model = with_lora(student, r=4, alpha=8, seed=0, resume_from=None)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # fresh adapters are B = 0: make them matter
+                parameter.normal_(0, 0.1)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    llm = FakeLLM([])
+    VLLMEngine("unused", tokenizer, llm=llm, sampling_params_class=dict).sync_weights(model)
+    loaded = dict(llm.model.loaded)
+    assert loaded.keys() == plain_names
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert max((loaded[name] - merged[name]).abs().max().item() for name in plain_names) < 1e-6
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    lora_a, lora_b = q_proj.lora_A["default"].weight, q_proj.lora_B["default"].weight
+    expected = q_proj.base_layer.weight + q_proj.scaling["default"] * lora_b @ lora_a
+    assert torch.allclose(loaded["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
+    assert not torch.allclose(expected, q_proj.base_layer.weight, atol=1e-3)  # the adapter did change the weight
+    ids = torch.tensor([[3, 4, 5, 6]])
+    plain = AutoModelForCausalLM.from_config(student.config)
+    plain.load_state_dict(loaded)  # what vLLM serves computes what the LoRA model computes
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
 def test_make_engine(student):
     tokenizer = build_char_tokenizer()
     assert isinstance(make_engine("hf", student, tokenizer, ArithTask()), HFEngine)
@@ -158,6 +190,9 @@ def test_make_engine(student):
     assert engine.eos_ids == [tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="unknown rollout backend"):
         make_engine("sglang", student, tokenizer, ArithTask())
+    for setting in ({"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}):  # vLLM would not honour them
+        with pytest.raises(ValueError, match="on-policy only.*--rollout-backend hf"):
+            make_engine("vllm", student, tokenizer, ArithTask(), llm=FakeLLM([]), sampling_params_class=dict, **setting)
 
 
 REAL_VLLM_CHECK = """

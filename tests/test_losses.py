@@ -28,25 +28,30 @@ def test_on_policy_loss_is_minus_advantage_times_logprob():
     advantages = token_advantages(student, teacher, mask, divergence="jsd", gamma=0.5)
     grad = gradient(lambda lp: opd_loss(lp, teacher, mask, divergence="jsd", gamma=0.5, reduction="sum")[0], student)
     torch.testing.assert_close(grad, -advantages)
-    token_mean = gradient(lambda lp: opd_loss(lp, teacher, mask, divergence="jsd", gamma=0.5)[0], student)
+    default = gradient(lambda lp: opd_loss(lp, teacher, mask, divergence="jsd", gamma=0.5)[0], student)
+    torch.testing.assert_close(default, -advantages / mask.shape[0])  # sequence-sum: divided by the sequences
+    token_mean = gradient(lambda lp: opd_loss(lp, teacher, mask, divergence="jsd", gamma=0.5,
+                                              reduction="token-mean")[0], student)
     torch.testing.assert_close(token_mean, -advantages / mask.sum())
 
 
-def test_token_mean_with_global_count_is_invariant_to_micro_batching():
+@pytest.mark.parametrize("reduction,count", [("sequence-sum", "num_sequences"), ("token-mean", "num_tokens")])
+def test_global_counts_make_the_loss_invariant_to_micro_batching(reduction, count):
     student, teacher, mask = batch()
-    full = gradient(lambda lp: opd_loss(lp, teacher, mask, divergence="fkl")[0], student)
-    total_tokens = int(mask.sum())
+    full = gradient(lambda lp: opd_loss(lp, teacher, mask, divergence="fkl", reduction=reduction)[0], student)
+    total = {"num_sequences": mask.shape[0], "num_tokens": int(mask.sum())}[count]
 
     def split_loss(lp):
-        # two micro-batches of unequal token counts, each normalized by the global count, summed
-        first, _ = opd_loss(lp[:1], teacher[:1], mask[:1], divergence="fkl", num_tokens=total_tokens)
-        second, _ = opd_loss(lp[1:], teacher[1:], mask[1:], divergence="fkl", num_tokens=total_tokens)
+        # two micro-batches of unequal sizes, each normalized by the global count, summed
+        first, _ = opd_loss(lp[:1], teacher[:1], mask[:1], divergence="fkl", reduction=reduction, **{count: total})
+        second, _ = opd_loss(lp[1:], teacher[1:], mask[1:], divergence="fkl", reduction=reduction, **{count: total})
         return first + second
 
     torch.testing.assert_close(gradient(split_loss, student), full)
-    # while a per-micro-batch mean gives a different (wrong) answer
-    naive = gradient(lambda lp: 0.5 * (opd_loss(lp[:1], teacher[:1], mask[:1], divergence="fkl")[0]
-                                       + opd_loss(lp[1:], teacher[1:], mask[1:], divergence="fkl")[0]), student)
+    # while a per-micro-batch normalisation gives a different (wrong) answer
+    naive = gradient(lambda lp: 0.5 * (opd_loss(lp[:1], teacher[:1], mask[:1], divergence="fkl", reduction=reduction)[0]
+                                       + opd_loss(lp[1:], teacher[1:], mask[1:], divergence="fkl",
+                                                  reduction=reduction)[0]), student)
     assert not torch.allclose(naive, full)
 
 
@@ -141,9 +146,10 @@ def test_token_advantages_rejects_bad_input(override, message):
 
 
 @pytest.mark.parametrize("override,message", [
-    (dict(reduction="mean"), "reduction must be one of token-mean, sequence-mean, sum"),
+    (dict(reduction="mean"), "reduction must be one of sequence-sum, token-mean, sequence-mean, sum"),
     (dict(clip_eps=-0.2), "clip_eps must be positive"),
     (dict(num_tokens=0), "num_tokens must be positive"),
+    (dict(num_sequences=0), "num_sequences must be positive"),
     (dict(behavior_logprobs=torch.zeros(3, 7)), "behavior_logprobs has shape"),
     (dict(gamma=2.0), "gamma must be in"),
 ])

@@ -50,7 +50,7 @@ def prompt_dataset():
 def test_config_is_exact_on_policy(tmp_path):
     args = small_config(tmp_path)
     assert (args.temperature, args.top_k, args.top_p, args.repetition_penalty) == (1.0, 0, 1.0, 1.0)
-    assert args.beta == 0.0 and args.loss_type == "dapo" and args.num_iterations == 1 and not args.bf16
+    assert args.beta == 0.0 and args.loss_type == "dr_grpo" and args.num_iterations == 1 and not args.bf16
     with pytest.warns(UserWarning, match="not from the student"):
         small_config(tmp_path, temperature=0.7)
 

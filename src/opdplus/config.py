@@ -64,8 +64,12 @@ class TrainConfig:
                            "objective, 1 the exact sequence-level one.")
     log_ratio_clip: float | None = setting(10.0, ESTIMATOR, "Clamp of the log-ratio teacher - student (fkl and "
                                            "chi2 weights are unbounded without it); none to turn it off.")
-    center_weight: bool = setting(False, ESTIMATOR, "Subtract w_f(1) from the opd+ weight: same expected gradient, "
-                                  "less variance.")
+    center_weight: bool = setting(True, ESTIMATOR, "Subtract w_f(1) from the opd+ weight: the same expected "
+                                  "gradient with less variance (measured: benchmarks/centering.py); "
+                                  "--no-center-weight for the plain weight.")
+    loss_reduction: str = setting("sequence-sum", ESTIMATOR, "Loss normaliser: sequence-sum (each response's token "
+                                  "sum averaged over the step's responses: unbiased) or token-mean (divided by "
+                                  "the step's sampled token count: biased when lengths vary).")
 
     device: str = setting("auto", HARDWARE, "Device of the student (and of local teachers unless "
                           "teacher_device is set): auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
@@ -93,6 +97,9 @@ class TrainConfig:
                                  "off-policy (a warning says so).")
     top_k: int = setting(0, ROLLOUTS, "Sample only from the k most likely tokens; 0 is off (exact on-policy).")
     top_p: float = setting(1.0, ROLLOUTS, "Nucleus sampling mass in (0, 1]; 1.0 is off (exact on-policy).")
+    rollout_ratio_cap: float | None = setting(2.0, ROLLOUTS, "With another rollout engine than the trained model "
+                                              "(vllm): truncation of the per-token ratio p_trainer / p_engine that "
+                                              "corrects for their different numerics; none: untruncated.")
 
     steps: int = setting(200, OPTIMISATION, "Training steps (one batch of rollouts each).")
     lr: float = setting(1e-3, OPTIMISATION, "Peak learning rate of AdamW.")
@@ -153,6 +160,10 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.rollout_ratio_cap is not None and not self.rollout_ratio_cap >= 1:
+            raise ValueError(f"rollout_ratio_cap must be >= 1 or unset, got {self.rollout_ratio_cap}")
+        if self.loss_reduction not in ("sequence-sum", "token-mean"):
+            raise ValueError(f"loss_reduction must be sequence-sum or token-mean, got {self.loss_reduction!r}")
         if self.long_prompts not in ("skip", "fail"):
             raise ValueError(f"long_prompts must be skip or fail, got {self.long_prompts!r}")
         if self.rollout_backend not in ("hf", "vllm"):

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from opdplus.checkpoint import atomic_write_text
 
 
@@ -56,17 +58,21 @@ class MetricsLog:
 
 
 class Stopwatch:
-    """`with clock("name"):` adds the block's wall time to clock.seconds["name"]."""
+    """`with clock("name"):` adds the block's wall time to clock.seconds["name"]. On a GPU it waits for the queued
+    kernels at both ends, so each block is charged its own work and not the previous block's."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        self.sync()
         started = time.perf_counter()
         try:
             yield
         finally:
+            self.sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
@@ -74,7 +80,9 @@ def combine(parts: list[dict]) -> dict:
     """Merge micro-batch metrics: token-weighted means, max of maxima, sums of counts and losses."""
     tokens = sum(part["num_tokens"] for part in parts) or 1.0
     merged = {key: sum(part[key] * part["num_tokens"] for part in parts) / tokens for key in parts[0]}
-    merged["advantage_abs_max"] = max(part["advantage_abs_max"] for part in parts)
+    for key in merged:
+        if key.endswith("_max"):
+            merged[key] = max(part[key] for part in parts)
     merged["num_tokens"] = tokens
     merged["loss"] = sum(part["loss"] for part in parts)  # each part is already divided by the global count
     return merged

@@ -111,7 +111,8 @@ def setup_run(config: TrainConfig) -> Run:
     log = MetricsLog(out, keep_through=start_step if resume_from else -1, tensorboard=config.tensorboard,
                      enabled=strategy.is_main)
     objective = Objective(config.divergence, config.estimator, gamma=config.gamma,
-                          log_ratio_clip=config.log_ratio_clip, center=config.center_weight, clip_eps=config.clip_eps)
+                          log_ratio_clip=config.log_ratio_clip, center=config.center_weight, clip_eps=config.clip_eps,
+                          reduction=config.loss_reduction, rollout_ratio_cap=config.rollout_ratio_cap)
     return Run(config=config, out=out, task=task, tokenizer=tokenizer, model=model, strategy=strategy,
                optimizer=optimizer, scheduler=scheduler, objective=objective, teachers=teachers,
                engine=make_engine(config.rollout_backend, model, tokenizer, task, temperature=config.temperature,

@@ -147,19 +147,27 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
              gradient_checkpointing: bool = False, clock: Stopwatch | None = None) -> Update:
     """`ppo_epochs` optimizer steps on one batch, each accumulated over micro-batches of `micro_batch_size` rows.
 
-    The loss of every micro-batch is divided by the token count of the whole step (all micro-batches, all
-    processes), so neither micro-batching nor the number of processes changes the gradient. The first epoch is
+    The loss of every micro-batch is divided by a count of the whole step (all micro-batches, all processes):
+    its number of sequences by default, which does not depend on what was sampled (so the expected step is the
+    true gradient), or its token count (`objective.reduction == "token-mean"`). Neither micro-batching nor the
+    number of processes changes the gradient. The first epoch is
     on-policy; later ones use importance ratios against its log-probs (OPD+'s weight stays the exact weight of
-    the current policy). A non-finite value anywhere skips the whole update on every process."""
+    the current policy). When another engine sampled the batch (`rollouts.sampling_logprobs`, e.g. vLLM), every
+    token's term is weighted by min(p_theta / p_engine, cap), computed once from the first epoch's log-probs, so
+    the update stays that of the policy being trained. A non-finite value anywhere skips the whole update on
+    every process."""
     clock = clock or Stopwatch()
     input_ids, attention_mask = rollouts.input_ids, rollouts.attention_mask  # [N, P + T]
     mask, prompt_length = rollouts.response_mask, rollouts.prompt_length  # [N, T], P
+    engine_logprobs = rollouts.sampling_logprobs  # [N, T], or None when the trained model sampled itself
     rows = input_ids.shape[0]
     micro_batches = [slice(begin, begin + (micro_batch_size or rows)) for begin in range(0, rows, micro_batch_size or rows)]
+    num_sequences = int(strategy.all_reduce(torch.tensor(float(rows), dtype=torch.float64)))
     num_tokens = int(strategy.all_reduce(mask.sum().double()).clamp(min=1))
     empty_passes = strategy.passes_to_match(len(micro_batches))  # sharded: other processes may have more
     behavior_logprobs = torch.zeros_like(teacher_logprobs)  # [N, T]
     advantages = torch.zeros_like(teacher_logprobs)  # [N, T]
+    sample_weights = torch.ones_like(teacher_logprobs)  # [N, T] p_theta / p_engine, truncated (1: no engine)
     first_metrics: dict = {}
     with strategy.training(gradient_checkpointing):
         for epoch in range(ppo_epochs):
@@ -172,9 +180,14 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
                     bad_rows += [batch.start + row for row in (~finite.all(-1)).nonzero().flatten().tolist()]
                     strategy.discard(logprobs.sum())
                     continue
+                correction = {}
+                if engine_logprobs is not None and epoch == 0:
+                    sample_weights[batch], correction = objective.sampler_weights(logprobs, engine_logprobs[batch],
+                                                                                  mask[batch])
                 loss, metrics, batch_advantages = objective.loss(
-                    logprobs, teacher_logprobs[batch], mask[batch], num_tokens=num_tokens,
-                    behavior_logprobs=behavior_logprobs[batch] if epoch > 0 else None)
+                    logprobs, teacher_logprobs[batch], mask[batch], num_sequences=num_sequences, num_tokens=num_tokens,
+                    behavior_logprobs=behavior_logprobs[batch] if epoch > 0 else None,
+                    sample_weights=sample_weights[batch] if engine_logprobs is not None else None)
                 if not torch.isfinite(loss):  # e.g. an unclipped fkl/chi2 weight overflowing
                     bad_rows += list(range(batch.start, min(batch.stop, rows)))
                     strategy.discard(loss)
@@ -183,7 +196,7 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
                     behavior_logprobs[batch], advantages[batch] = logprobs.detach(), batch_advantages
                 with clock("backward"):
                     strategy.backward(loss)
-                parts.append(metrics)
+                parts.append({**metrics, **correction})
             strategy.run_empty_passes(empty_passes, input_ids, attention_mask, prompt_length)
             with clock("optimizer"):
                 applied, grad_norm = strategy.step(bad=bool(bad_rows))  # gradients summed over processes

@@ -19,10 +19,11 @@ What `opd_grpo_config` sets, and why:
   fills an unset top_k with 50. The trainer also warns if `generate` would still apply a logits processor
   (for example one a model's own generation_config adds).
 - beta 0: no KL-to-reference term; the teacher is the only target.
-- loss_type "dapo": the sum of per-token losses divided by the number of loss tokens of the whole generation
-  batch, i.e. opdplus's "token-mean" with the global token count. "grpo" would first average within each
-  sequence (long responses' tokens would count less); "bnpo" divides by the tokens of each micro-batch, which
-  changes with how a batch is split. "dapo" weights every token alike however the batch is split.
+- loss_type "dr_grpo": the sum of per-token losses divided by a constant (sequences x max_completion_length),
+  so, like opdplus's default "sequence-sum", the divisor does not depend on the sampled lengths and the
+  expected step is the gradient (docs/theory.md, "Normalisation"). "dapo" (the global token count, opdplus's
+  "token-mean") and "bnpo" (each micro-batch's tokens) divide by a random count, which biases the step when
+  lengths vary; "grpo" first averages within each sequence.
 - num_iterations 1 (with steps_per_generation = gradient_accumulation_steps, TRL's default): every batch is
   trained on by the policy that sampled it. "opd+" needs advantages at the current policy, which TRL's reuse
   of a batch over several updates cannot give, so the trainer refuses it for "opd+".
@@ -65,7 +66,7 @@ def opd_grpo_config(**overrides) -> GRPOConfig:
         **EXACT_SAMPLING,
         "min_p": None,
         "beta": 0.0,
-        "loss_type": "dapo",
+        "loss_type": "dr_grpo",
         "num_iterations": 1,
         "scale_rewards": "none",  # the (all-zero) GRPO rewards need no scaling
         "disable_dropout": True,
@@ -123,7 +124,7 @@ class OPDGRPOTrainer(GRPOTrainer):
             warnings.warn(f"beta={self.beta}: a KL-to-reference term is added to the distillation loss", stacklevel=2)
         if self.loss_type not in TOKEN_LEVEL_LOSSES:
             warnings.warn(f"loss_type={self.loss_type!r} is not a token-level loss: tokens are weighted by their "
-                          "sequence's length; opd_grpo_config uses 'dapo'", stacklevel=2)
+                          "sequence's length; opd_grpo_config uses 'dr_grpo'", stacklevel=2)
         self.last_opd_batch: dict | None = None
 
     def _generate_and_score_completions(self, inputs):

@@ -25,7 +25,10 @@ from opdplus.objective.advantages import (
 )
 from opdplus.objective.divergences import Divergence, get_divergence
 
-REDUCTIONS = ("token-mean", "sequence-mean", "sum")
+# "sequence-sum" (the default) divides by a number that does not depend on what was sampled, so the expected
+# step is the gradient of the objective; "token-mean" divides by the sampled token count, which is random when
+# lengths vary (biased: docs/theory.md, "Normalisation").
+REDUCTIONS = ("sequence-sum", "token-mean", "sequence-mean", "sum")
 
 
 def opd_loss(
@@ -39,7 +42,8 @@ def opd_loss(
     gamma: float = 0.0,
     clip_eps: float | None = None,
     log_ratio_clip: float | None = None,
-    reduction: str = "token-mean",
+    reduction: str = "sequence-sum",
+    num_sequences: int | float | None = None,
     num_tokens: int | float | None = None,
     center: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
@@ -52,10 +56,13 @@ def opd_loss(
         behavior_logprobs: [B, T] log-probs of the policy that sampled the batch, for the 2nd, 3rd, ...
             update on the same batch. None means the samples are from the current policy.
         clip_eps: PPO ratio clip (only with behavior_logprobs).
-        reduction: "token-mean" divides by the number of unmasked tokens, or by `num_tokens` when given:
-            pass the global token count of the whole optimizer step so that splitting a batch into
-            micro-batches or processes leaves the gradient unchanged. "sequence-mean" averages the
-            per-sequence token means over sequences with at least one token. "sum" sums.
+        reduction: "sequence-sum" (default) sums each sequence's tokens and divides by the number of sequences,
+            or by `num_sequences` when given: pass the step's global number of sequences so that splitting a
+            batch into micro-batches or processes leaves the gradient unchanged. The divisor does not depend on
+            the sampled lengths, so the expected gradient is exactly that of E_y[sum_t ...]. "token-mean"
+            divides by the number of unmasked tokens (or `num_tokens`): a random divisor when lengths vary, which
+            biases the expected step (measured in docs/theory.md). "sequence-mean" averages the per-sequence
+            token means over sequences with at least one token (biased too). "sum" sums.
         Other arguments (gamma, log_ratio_clip, center) as in `token_advantages`.
 
     Metrics: loss, log_ratio_mean (teacher - current student, unclipped), advantage_abs_mean/max,
@@ -70,14 +77,16 @@ def opd_loss(
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if clip_eps is not None and not clip_eps > 0:
         raise ValueError(f"clip_eps must be positive or None, got {clip_eps}")
-    if num_tokens is not None and not num_tokens > 0:
-        raise ValueError(f"num_tokens must be positive or None, got {num_tokens}")
+    for name, count in (("num_sequences", num_sequences), ("num_tokens", num_tokens)):
+        if count is not None and not count > 0:
+            raise ValueError(f"{name} must be positive or None, got {count}")
     mask = check_token_inputs(
         mask, logprobs=logprobs, teacher_logprobs=teacher_logprobs, behavior_logprobs=behavior_logprobs
     )
     loss, metrics, _ = policy_gradient_loss(
         logprobs, teacher_logprobs, mask, divergence, estimator, gamma, log_ratio_clip, center, clip_eps,
-        behavior_logprobs=behavior_logprobs, reduction=reduction, num_tokens=num_tokens)
+        behavior_logprobs=behavior_logprobs, reduction=reduction, num_sequences=num_sequences,
+        num_tokens=num_tokens)
     return loss, metrics
 
 
@@ -94,7 +103,9 @@ def policy_gradient_loss(
     *,
     behavior_logprobs: Tensor | None,  # [B, T] or None (on-policy)
     reduction: str,
-    num_tokens: int | float | None,
+    num_sequences: int | float | None = None,
+    num_tokens: int | float | None = None,
+    sample_weights: Tensor | None = None,  # [B, T] detached per-token importance weights (another sampler)
 ) -> tuple[Tensor, dict[str, float], Tensor]:
     """`opd_loss` on already-validated arguments: (loss, metrics, advantages [B, T])."""
     # The policy the advantage is evaluated at: always the current one for opd+ (exact off-policy weight).
@@ -118,11 +129,15 @@ def policy_gradient_loss(
     else:
         per_token_loss = -advantages * safe_logprobs
         ppo_clipped = torch.zeros_like(mask)
+    if sample_weights is not None:
+        per_token_loss = per_token_loss * sample_weights
     per_token_loss = torch.where(mask, per_token_loss, 0.0)
 
     tokens_per_sequence = mask.sum(-1)
     if reduction == "sum":
         loss = per_token_loss.sum()
+    elif reduction == "sequence-sum":
+        loss = per_token_loss.sum() / (num_sequences if num_sequences is not None else mask.shape[0])
     elif reduction == "token-mean":
         denominator = num_tokens if num_tokens is not None else tokens_per_sequence.sum().clamp(min=1)
         loss = per_token_loss.sum() / denominator

