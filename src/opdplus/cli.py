@@ -228,11 +228,16 @@ def _train(args: Namespace) -> None:
 def _eval(args: Namespace) -> None:
     from opdplus.build import build_task
     from opdplus.rollout.evaluation import evaluate_model
+    from opdplus.tasks import DATA_TASKS
 
+    if args.task in DATA_TASKS and args.data is None:
+        raise ValueError(f"task {args.task!r} reads a data file: pass --data FILE")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
     task = build_task(TrainConfig(task=args.task, test_data=args.data, question_field=args.question_field,
                                   answer_field=args.answer_field, max_new_tokens=args.max_new_tokens,
                                   tools=args.tools, max_tool_turns=args.max_tool_turns))
-    examples = task.examples("test", args.limit, seed=args.seed) if args.limit else _all_test_examples(task, args)
+    examples = _all_test_examples(task, args)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} exists; pick another file or pass --overwrite")
@@ -251,10 +256,11 @@ def _eval(args: Namespace) -> None:
 
 
 def _all_test_examples(task, args) -> list:
-    """Every record of a data file once, in file order; the built-in tasks draw `--limit` (default 500)."""
+    """The first `--limit` records of a data file (default: all), in file order; the built-in tasks draw `--limit`
+    examples (default 500)."""
     if task.reads_files:
-        return list(task.load("test"))
-    return task.examples("test", 500, seed=args.seed)
+        return list(task.load("test"))[: args.limit]
+    return task.examples("test", args.limit or 500, seed=args.seed)
 
 
 def _demo(args: Namespace) -> None:
@@ -324,7 +330,8 @@ def build_parser(train_defaults: dict | None = None) -> CommandParser:
     evaluate.add_argument("--max-tool-turns", type=int, default=4, help="assistant turns per tool rollout")
     evaluate.add_argument("--k", type=int, default=0, help="also sample k responses per prompt: avg@k, pass@k")
     evaluate.add_argument("--limit", type=typing.Optional[int], default=None,
-                          help="evaluate this many examples (default: all)")
+                          help="evaluate the first N records of --data (built-in tasks: draw N examples; "
+                               "default: every record, or 500 draws)")
     evaluate.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the drawn examples and samples")
     evaluate.add_argument("--out", type=typing.Optional[str], default=None,

@@ -8,11 +8,15 @@ carries the sentence `opdplus train --help` shows for it and the group it is lis
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from opdplus.objective import ESTIMATORS, get_divergence
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MAX_INT = 2**63 - 1  # every count fits a torch int64
+MAX_SEED = 2**32 - 1  # seed * 1_000_003 + step must stay a valid torch seed
+LARGEST_FINITE = {"float32": 3.4e38, "bfloat16": 3.4e38, "float16": 65504.0}
 
 DISTILL = "what to distill"
 DATA = "data"
@@ -172,10 +176,30 @@ class TrainConfig:
             raise ValueError("tools: multi-turn tool rollouts run on the hf rollout backend only")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        self.check_number_ranges()
         self.teacher_entries()
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
         return self
+
+    def check_number_ranges(self) -> None:
+        """Every number finite and in range before anything is loaded or written: an inf or a value that
+        overflows the weights would otherwise train to non-finite weights or skip every update in silence."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+                raise ValueError(f"{field.name} must be at most {MAX_INT}, got {value}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
+        largest = LARGEST_FINITE.get(self.dtype, LARGEST_FINITE["float32"])
+        if self.lr > largest * 1e-3:  # one AdamW step moves a weight by about lr
+            raise ValueError(f"lr must be below {largest * 1e-3:.3g} (an AdamW step of about lr overflows "
+                             f"{self.dtype} weights), got {self.lr}")
+        if self.lr * self.weight_decay > 1:
+            raise ValueError(f"weight_decay must be at most 1 / lr = {1 / self.lr:.3g} (AdamW multiplies every "
+                             f"weight by 1 - lr * weight_decay each step), got {self.weight_decay}")
 
     def teacher_entries(self) -> dict[str, dict]:
         """name -> {"spec": ..., options...} as written; "default" is `teacher`, for examples that name none."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from opdplus.checkpoint import atomic_write_text
+from opdplus.checkpoint import DiskFullError, atomic_write_text, is_disk_full
 
 
 class MetricsLog:
@@ -23,10 +24,7 @@ class MetricsLog:
         if not enabled:  # a data-parallel worker other than process 0
             return
         self.path = out / "metrics.jsonl"
-        kept = []
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= keep_through]
+        kept = [line for line, record in self._read_records() if record["step"] <= keep_through]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.last_accuracy = next((json.loads(line)["greedy_accuracy"] for line in reversed(kept)
                                    if "greedy_accuracy" in json.loads(line)), float("nan"))
@@ -37,11 +35,42 @@ class MetricsLog:
 
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=keep_through + 1)
 
+    def _read_records(self) -> list[tuple[str, dict]]:
+        """(line, record) of an existing metrics.jsonl. A torn last line (a run killed mid-write) is dropped with a
+        warning; a damaged line elsewhere is an error naming metrics.jsonl:LINE."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(errors="replace").splitlines()
+        last = max((number for number, line in enumerate(lines, 1) if line.strip()), default=0)
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                valid = isinstance(record, dict) and isinstance(record.get("step"), int)
+            except ValueError:
+                valid = False
+            if valid:
+                records.append((line, record))
+            elif number == last:
+                warnings.warn(f"{self.path}:{number}: torn last line (a run stopped while writing it) dropped",
+                              stacklevel=3)
+            else:
+                raise ValueError(f"{self.path}:{number}: not a metrics record (a JSON object with an integer "
+                                 "'step'); fix or delete the line, then resume again")
+        return records
+
     def write(self, record: dict) -> dict:
         if not self.enabled:
             return record
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        try:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+        except OSError as error:
+            if is_disk_full(error, self.path.parent):
+                raise DiskFullError(self.path) from error
+            raise
         if "greedy_accuracy" in record:
             self.last_accuracy = record["greedy_accuracy"]
         if self.writer is not None:

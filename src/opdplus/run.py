@@ -22,15 +22,16 @@ from opdplus.checkpoint import (
     atomic_directory,
     atomic_write_text,
     check_run_directory,
-    checkpoints,
     load_training_state,
     prepare_run_directory,
+    resumable_checkpoint,
+    stored_run_config,
 )
 from opdplus.config import TrainConfig
 from opdplus.metrics import MetricsLog
 from opdplus.models import disable_dropout, load_model_and_tokenizer, with_lora
 from opdplus.objective import Objective
-from opdplus.parallel import SingleProcess, launch_sharding, make_strategy, zero_stage
+from opdplus.parallel import SingleProcess, launch_sharding, make_strategy, world, zero_stage
 from opdplus.rollout import encode_prompts
 from opdplus.rollout.engine import RolloutEngine, make_engine
 from opdplus.teachers import get_teacher
@@ -63,7 +64,8 @@ def setup_run(config: TrainConfig) -> Run:
     sharding = launch_sharding()  # "fsdp" or "deepspeed" under such a launch config, else None
     refuse_unsupported(config, sharding)
     out = Path(config.out)
-    check_run_directory(out, resume=config.resume, overwrite=config.overwrite)
+    check_run_directory(out, resume=config.resume, overwrite=config.overwrite, main=world()[0] == 0)
+    check_resume_settings(config, out)
     task = build_task(config)
     device, dtype = resolve_device(config), getattr(torch, config.dtype)
     model, tokenizer = load_model_and_tokenizer(config.student, dtype=dtype)
@@ -81,7 +83,7 @@ def setup_run(config: TrainConfig) -> Run:
     if strategy.is_main:
         prepare_run_directory(out, overwrite=config.overwrite)
 
-    resume_from = checkpoints(out)[-1][1] if config.resume and checkpoints(out) else None
+    resume_from = resumable_checkpoint(out) if config.resume else None  # the newest undamaged one
     if resume_from is not None and sharding == "deepspeed" and zero_stage() == 3:
         raise ValueError(f"--resume under DeepSpeed ZeRO-3 is not supported yet: resume {out} with "
                          "configs/accelerate/fsdp.yaml, deepspeed-zero2.yaml or ddp.yaml (checkpoints are the same)")
@@ -119,6 +121,34 @@ def setup_run(config: TrainConfig) -> Run:
                                   top_k=config.top_k, top_p=config.top_p),
                log=log, evaluates=evaluates, test_examples=test_examples if strategy.is_main else [],
                start_step=start_step, max_new_tokens=config.max_new_tokens or task.max_new_tokens)
+
+
+# settings a resumed run may change (how long it runs, how often it evaluates and saves, where and in how much memory
+# it runs: micro-batches and recomputation give the same update); every other one defines the run, and --resume
+# refuses a change to it
+MAY_CHANGE_ON_RESUME = ("steps", "eval_every", "eval_examples", "eval_k", "save_every", "keep_last", "tensorboard",
+                        "max_bad_steps", "device", "teacher_device", "micro_batch_size", "gradient_checkpointing",
+                        "out", "resume", "overwrite")
+
+
+def check_resume_settings(config: TrainConfig, out: Path) -> None:
+    """--resume continues the same run: refuse a change to what defines it (one line listing the fields), apply
+    and log the others, so that the config.json written next says what the run really does. Writes nothing."""
+    stored = stored_run_config(out) if config.resume else None
+    if stored is None:
+        return
+    current, defaults = (json.loads(json.dumps(c.to_dict())) for c in (config, TrainConfig()))
+    changed = {name: (stored.get(name, defaults[name]), value) for name, value in current.items()
+               if stored.get(name, defaults[name]) != value}
+    refused = [name for name in changed if name not in MAY_CHANGE_ON_RESUME]
+    if refused:
+        raise ValueError(f"--resume: the run in {out} was made with other settings: "
+                         + ", ".join(f"{name} {changed[name][0]!r} (now {changed[name][1]!r})" for name in refused)
+                         + "; resume with the run's settings, or start a new run with another --out")
+    applied = [name for name in changed if name not in ("resume", "overwrite", "out")]
+    if applied and world()[0] == 0:
+        tqdm.write("--resume: applying changed " + ", ".join(f"{name} {changed[name][0]!r} -> {changed[name][1]!r}"
+                                                           for name in applied))
 
 
 def refuse_unsupported(config: TrainConfig, sharding: str | None) -> None:

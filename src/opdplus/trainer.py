@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from opdplus.checkpoint import failpoint, save_checkpoint
+from opdplus.checkpoint import failpoint, release_run_directory, save_checkpoint
 from opdplus.config import TrainConfig
 from opdplus.metrics import Stopwatch, combine
 from opdplus.objective import Objective
@@ -38,8 +39,15 @@ class NonFiniteRunError(RuntimeError):
 
 def train(config: TrainConfig, *, progress: bool = True) -> dict:
     """Run (or resume) one training run; returns the last logged metrics."""
-    run = setup_run(config)
-    strategy, log = run.strategy, run.log
+    try:
+        return run_steps(setup_run(config), progress)
+    finally:  # the run directory is free for the next run (--resume, say), after a failure too
+        release_run_directory(Path(config.out))
+
+
+def run_steps(run: Run, progress: bool) -> dict:
+    """The loop of `train`, from the run's first step to its last, then `final/`."""
+    config, strategy, log = run.config, run.strategy, run.log
     last = log.write({"step": 0, **evaluate_student(run)}) if run.start_step == 0 else {"step": run.start_step}
     bad_steps = skipped_updates = long_prompts_skipped = 0
     bar = tqdm(range(run.start_step + 1, config.steps + 1), initial=run.start_step, total=config.steps,
@@ -109,6 +117,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
     log.close()
     run.teachers.close()
+    steps_run = config.steps - run.start_step
+    if steps_run > 0 and skipped_updates == steps_run:  # the "trained" student would be the untouched one
+        raise NonFiniteRunError(f"no update was applied in {steps_run} steps (non-finite values in every step); "
+                                f"final/ not written in {run.out}: check the teacher and --divergence/--lr")
     save_final(run)
     return last
 

@@ -57,8 +57,9 @@ def evaluate_model(model_spec: str, task, examples: list, *, k: int = 0, batch_s
         decoded = greedy.generate(batch, num_samples=1, max_new_tokens=task.max_new_tokens)
         sampled = sampler.generate(batch, num_samples=k, max_new_tokens=task.max_new_tokens) if k else None
         for i, example in enumerate(batch):
-            row = {"prompt": render_prompt(tokenizer, example), "output": decoded.completions[i],
-                   "correct": task.verify(decoded.completions[i], example)}
+            row = {"id": example.id} if example.id is not None else {}
+            row.update({"prompt": render_prompt(tokenizer, example), "reference": _reference_answer(example),
+                        "output": decoded.completions[i], "correct": task.verify(decoded.completions[i], example)})
             if decoded.transcripts is not None:  # multi-turn: every assistant turn and tool result
                 row["transcript"] = decoded.transcripts[i]
             if sampled is not None:
@@ -74,6 +75,15 @@ def evaluate_model(model_spec: str, task, examples: list, *, k: int = 0, batch_s
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return summary
+
+
+def _reference_answer(example):
+    """What a correct output must match: a BFCL record's ground truth (not its function schemas), else the
+    task's reference as it is."""
+    reference = example.reference
+    if isinstance(reference, dict) and "ground_truth" in reference:
+        return reference["ground_truth"]
+    return reference
 
 
 def pass_at_k(correct_flags_per_prompt: Sequence[Sequence[bool]], k: int) -> float:

@@ -21,6 +21,7 @@ class Example:
     messages: tuple | None = None  # chat messages (dicts) for multi-turn prompts; None: just `prompt`
     tools: tuple | None = None  # JSON schemas of the tools the model may call
     teacher: str | None = None  # which configured teacher scores this example; None: the default one
+    id: str | None = None  # the data record's id, if it has one, so `opdplus eval` rows can be traced back
 
 
 class Task(Protocol):

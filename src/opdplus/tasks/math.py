@@ -2,20 +2,22 @@
 
 A reference is whatever the data set stores: a GSM8K solution ending in
 `#### 72`, a MATH-style solution with `\\boxed{...}`, or a bare value. A completion
-is graded on its final answer: the last `\\boxed{}` if any, else what follows the
-last `####`, else whatever math-verify extracts from the text ("the answer is
-18", or the last number). math-verify then compares the two as mathematical
+is graded on its final answer: the last `\\boxed{}` if any (failing that, all the
+boxes as one set, as math-verify reads them), else the first line after the last
+`####`, else whatever math-verify extracts from the text ("the answer is 18", or
+the last number). math-verify then compares the two as mathematical
 objects, so `1,000` == `1000` and `0.5` == `\\frac{1}{2}`.
 
 Safety: the LaTeX side is parsed by a grammar, and math-verify hands sympy's
 `parse_expr` only strings its regexes reduced to digits and arithmetic operators.
 Parsing mostly does not evaluate (`2^2^2^2^2` stays a tree; binomials are the
-exception); evaluation happens in `verify`, so we refuse towers, huge exponents,
+exception, and \\Gamma of a number); evaluation happens in `verify`, so we refuse towers, huge exponents,
 factorials and binomials before it. In the main thread math-verify's own SIGALRM
 timeouts are a second line of defence; other threads cannot use signals, so there
 these checks are the only one.
 """
 
+import math
 import re
 import threading
 from functools import lru_cache
@@ -36,7 +38,7 @@ MAX_COMBINATORIAL_ARG = 1_000  # n! and binomials grow as fast as towers
 COMPLETION_TARGETS = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 REFERENCE_TARGETS = (LatexExtractionConfig(), ExprExtractionConfig())
 THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
-BINOMIAL_COMMAND = re.compile(r"\\(?:[dt]?binom|choose)")
+EAGER_COMMAND = re.compile(r"\\(?:[dt]?binom|choose|Gamma|operatorname\s*\{\s*Gamma)")
 BIG_OPERAND = re.compile(r"\d{5,}|\^")  # binom(10^5, 5*10^4) already takes half a second
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K's `<<16-3-4=9>>` markup
 COMBINATORIAL = (sympy.factorial, sympy.factorial2, sympy.subfactorial, sympy.binomial, sympy.gamma)
@@ -71,16 +73,13 @@ def _last_boxed_content(text: str) -> str:
 
 
 def is_correct(completion: str, reference: str) -> bool:
-    """Whether the completion's final answer equals the reference's. Never raises."""
+    """Whether the completion's final answer equals the reference's. Never raises, and returns in bounded time
+    in any thread (the checks before parse and verify do not rely on math-verify's signal-based timeouts)."""
     try:
         gold = _parse_reference(str(reference))
-        if not gold:
+        if not gold or not all(_cheap_to_evaluate(value) for value in gold):
             return False
-        predicted = _parse_completion(str(completion)[-MAX_COMPLETION_CHARS:])
-        if not predicted or not all(_cheap_to_evaluate(value) for value in predicted):
-            return False
-        # A list: verify would read a tuple as one value.
-        return bool(verify(list(gold), predicted, timeout_seconds=_timeout()))
+        return any(_answer_matches(final, gold) for final in _final_answers(str(completion)[-MAX_COMPLETION_CHARS:]))
     except BaseException as error:  # math-verify's TimeoutException derives from BaseException
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
@@ -92,19 +91,37 @@ def _parse_reference(reference: str) -> tuple:
     answer = extract_reference(reference)
     if "$" not in answer:
         answer = f"${answer}$"  # read the bare answer as LaTeX, so x^2 or \sqrt{2} parse too
+    if _evaluated_while_parsing(answer):
+        return ()
     return tuple(parse(answer, extraction_config=REFERENCE_TARGETS, parsing_timeout=_timeout()))
 
 
-def _parse_completion(completion: str) -> list:
-    final = completion
+def _final_answers(completion: str):
+    """The text holding the final answer: from the last box on, then (when there are several boxes) the whole
+    text, which math-verify alone reads as one set (`\\boxed{2}` and `\\boxed{3}` = {2, 3});
+    else the first line after the last `####` (words after it are not the answer); else the whole text."""
     if "\\boxed" in completion:
-        # From the last box on: math-verify would read several boxes as one set of answers.
-        final = completion[completion.rfind("\\boxed") :]
+        yield completion[completion.rfind("\\boxed") :]
+        if completion.count("\\boxed") > 1:
+            yield completion
     elif "####" in completion:
-        final = completion.rpartition("####")[2]
-    if BINOMIAL_COMMAND.search(final) and BIG_OPERAND.search(final):
-        return []  # the LaTeX parser evaluates binomials eagerly, before any of our checks
-    return parse(final, extraction_config=COMPLETION_TARGETS, parsing_timeout=_timeout())
+        yield completion.rpartition("####")[2].strip().partition("\n")[0]
+    else:
+        yield completion
+
+
+def _answer_matches(final: str, gold: tuple) -> bool:
+    if _evaluated_while_parsing(final):
+        return False
+    predicted = parse(final, extraction_config=COMPLETION_TARGETS, parsing_timeout=_timeout())
+    if not predicted or not all(_cheap_to_evaluate(value) for value in predicted):
+        return False
+    return bool(verify(list(gold), predicted, timeout_seconds=_timeout()))  # a list: a tuple reads as one value
+
+
+def _evaluated_while_parsing(text: str) -> bool:
+    """The LaTeX parser evaluates binomials and \\Gamma of numbers eagerly, before any of our checks."""
+    return bool(EAGER_COMMAND.search(text) and BIG_OPERAND.search(text))
 
 
 def _timeout() -> int | None:
@@ -119,16 +136,36 @@ def _cheap_to_evaluate(value) -> bool:
     for node in sympy.preorder_traversal(value):
         if isinstance(node, sympy.Pow):
             exponent = node.exp
-            if exponent.has(sympy.Pow, *COMBINATORIAL) or _largest_number(exponent) > MAX_EXPONENT:
+            if exponent.has(sympy.Pow, *COMBINATORIAL) or _upper_bound(exponent) > MAX_EXPONENT:
                 return False
-        elif isinstance(node, COMBINATORIAL) and _largest_number(node) > MAX_COMBINATORIAL_ARG:
-            return False
+        elif isinstance(node, COMBINATORIAL) and max(map(_upper_bound, node.args), default=0.0) > MAX_COMBINATORIAL_ARG:
+            return False  # (10^9)! as well as 1000000000!
     return True
 
 
-def _largest_number(expression) -> float:
-    numbers = [abs(float(n)) for n in expression.atoms(sympy.Number) if n.is_finite]
-    return max(numbers, default=0.0)
+def _upper_bound(expression) -> float:
+    """An upper bound of |value| (a symbol counts as 1; inf past a float), so `(10^9)!` is seen as huge."""
+    if isinstance(expression, sympy.Number):
+        try:
+            return abs(float(expression)) if expression.is_finite else math.inf
+        except (OverflowError, TypeError):
+            return math.inf
+    bounds = [_upper_bound(argument) for argument in expression.args]
+    try:
+        if isinstance(expression, sympy.Add):
+            bound = sum(bounds)
+        elif isinstance(expression, sympy.Mul):
+            bound = math.prod(bounds)
+        elif isinstance(expression, sympy.Pow):
+            bound = max(bounds[0], 1.0) ** bounds[1]
+        elif isinstance(expression, COMBINATORIAL):
+            largest = max(bounds, default=0.0)
+            bound = math.inf if largest > 170 else math.gamma(largest + 2)
+        else:
+            bound = max(bounds, default=1.0)
+    except OverflowError:
+        return math.inf
+    return math.inf if math.isnan(bound) else bound
 
 
 class MathTask:
@@ -180,8 +217,10 @@ class MathTask:
             response = f"#### {reference.strip()}"
         prompt = str(record[self.question_field]) + self.prompt_suffix
         teacher = record.get(self.teacher_field)
+        record_id = record.get("id")
         return Example(prompt=prompt, reference=reference, response=response,
-                       teacher=None if teacher is None else str(teacher))
+                       teacher=None if teacher is None else str(teacher),
+                       id=None if record_id is None else str(record_id))
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         return sample_cycled(self.load(split), n, seed=f"{self.name}/{split}/{seed}")

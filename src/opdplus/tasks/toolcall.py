@@ -133,7 +133,7 @@ class ToolCallTask:
         # json.loads only, never eval: completions are untrusted model output.
         try:
             call = json.loads(completion.strip(), parse_constant=_reject_constant)
-        except ValueError:  # JSONDecodeError is a ValueError
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; '[' * 5000 is too deep
             return False
         if not (isinstance(call, dict) and call.keys() == {"name", "arguments"}):
             return False

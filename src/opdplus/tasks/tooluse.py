@@ -231,7 +231,11 @@ class ToolUseTask:
         return sample_cycled(self.load(split), n, seed=f"{self.name}/{split}/{seed}")
 
     def verify(self, completion: str, example: Example) -> bool:
-        return check_calls(completion, example.reference["functions"], example.reference["ground_truth"])
+        """A verdict, never an exception: the completion is untrusted model text."""
+        try:
+            return check_calls(completion, example.reference["functions"], example.reference["ground_truth"])
+        except (RecursionError, ValueError, TypeError, MemoryError):
+            return False
 
 
 def _as_list(paths: Paths) -> list[str]:
@@ -280,4 +284,5 @@ def _example(record: dict, ground_truth: list[dict], teacher: str | None = None)
         messages=tuple(dict(message) for message in turn),
         tools=tuple(functions),
         teacher=None if teacher is None else str(teacher),
+        id=None if record.get("id") is None else str(record["id"]),
     )

@@ -35,6 +35,18 @@ class JsonClient:
     def post(self, path: str, payload: dict):
         return self._request("POST", path, payload)
 
+    def _fetch(self, request: urllib.request.Request) -> bytes:
+        """The response body, within `timeout` seconds in all: a server that trickles its answer a byte at a
+        time never lets a single socket read time out, so the deadline is checked between reads."""
+        deadline = time.monotonic() + self.timeout
+        chunks = []
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            while chunk := response.read1(1 << 16):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out: no complete answer within {self.timeout:g} s")
+        return b"".join(chunks)
+
     def _request(self, method: str, path: str, payload: dict | None):
         url = self.base_url + path
         data = None if payload is None else json.dumps(payload).encode()
@@ -45,8 +57,7 @@ class JsonClient:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(url, data=data, headers=headers, method=method)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    body = response.read()
+                body = self._fetch(request)
             except urllib.error.HTTPError as error:
                 detail = _one_line(error.read().decode("utf-8", "replace"))
                 if error.code < 500:

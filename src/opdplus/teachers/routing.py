@@ -6,11 +6,10 @@ waiting on the network; local ones release the GIL inside torch).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from opdplus.teachers.base import Teacher, TokenRows
+from opdplus.teachers.served import map_concurrently
 
 DEFAULT = "default"
 
@@ -47,8 +46,7 @@ class TeacherRouter:
         def score_group(name: str) -> torch.Tensor:  # [rows of this teacher, T]
             return self.teachers[name].score(TokenRows.select(rollouts, groups[name]))
 
-        with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-            group_scores = dict(zip(groups, pool.map(score_group, groups)))
+        group_scores = dict(zip(groups, map_concurrently(score_group, list(groups), len(groups))))
         input_ids = rollouts.input_ids  # [N, P + T]
         scores = torch.zeros(input_ids.shape[0], input_ids.shape[1] - rollouts.prompt_length, dtype=torch.float32,
                              device=input_ids.device)  # [N, T]

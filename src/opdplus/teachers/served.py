@@ -14,13 +14,46 @@ by T (docs/served-teachers.md), or use a local teacher.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import math
+import threading
 
 import torch
 
 from opdplus.teachers.http import JsonClient
 from opdplus.teachers.sequences import resolve_starts, to_sequences
 from opdplus.teachers.vocab import MISMATCH, probe_strings
+
+
+LOGPROB_TOLERANCE = 1e-4  # a server's float error around log 1 = 0
+
+
+def map_concurrently(function, items: list, workers: int) -> list:
+    """[function(item) for item in items] on at most `workers` daemon threads; the first error (in item order)
+    is raised. Unlike ThreadPoolExecutor, neither a Ctrl-C here nor the interpreter's exit waits for threads
+    still blocked on a server: one Ctrl-C stops the run."""
+    results, errors, lock = [None] * len(items), {}, threading.Lock()
+    pending = iter(range(len(items)))
+
+    def work():
+        while True:
+            with lock:
+                index = next(pending, None)
+            if index is None or errors:
+                return
+            try:
+                results[index] = function(items[index])
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                errors[index] = error
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(items)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.1)  # short waits: a Ctrl-C lands between them even where join would not wake
+    if errors:
+        raise errors[min(errors)]
+    return results
 
 
 class ServedTeacher:
@@ -66,16 +99,24 @@ class ServedTeacher:
         batches = [sequences[i : i + self.batch_size] for i in range(0, len(sequences), self.batch_size)]
         if not batches:
             return scores.to(rollouts.input_ids.device)
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(batches))) as pool:
-            scored = [row for batch in pool.map(self._score_batch, batches) for row in batch]
+        firsts = range(0, len(sequences), self.batch_size)
+        answers = map_concurrently(self._score_batch, list(zip(batches, firsts)), self.concurrency)
+        scored = [row for batch in answers for row in batch]
         for row, (values, begin) in enumerate(zip(scored, starts)):
             response = values[begin - 1 :]  # values[k - 1] is log p(ids[k] | ids[:k]); keep k = start .. len - 1
             scores[row, : len(response)] = torch.tensor(response, dtype=torch.float32)
         return scores.to(rollouts.input_ids.device)
 
-    def _score_batch(self, batch: list[list[int]]) -> list[list[float]]:
-        """For each sequence, log p(ids[k] | ids[:k]) for k = 1 .. len - 1."""
+    def _score_batch(self, job: tuple[list[list[int]], int]) -> list[list[float]]:
+        """For each sequence of (batch, index of its first sequence), log p(ids[k] | ids[:k]) for k = 1 .. len - 1."""
         raise NotImplementedError
+
+    def _logprob(self, path: str, sequence: int, position: int, value) -> float:
+        """A log-prob is a finite number <= 0 (1e-4 of float error allowed); anything else would be trained on."""
+        if type(value) not in (int, float) or not math.isfinite(value) or value > LOGPROB_TOLERANCE:
+            raise ValueError(f"teacher at {self.url}{path} returned log-prob {str(value)[:40]} for sequence "
+                             f"{sequence}, position {position}: a log-prob must be a finite number <= 0")
+        return float(value)
 
     def _bad(self, path: str, what: str) -> ValueError:
         return ValueError(f"unexpected answer from {self.url}{path}: {what}")
@@ -110,7 +151,8 @@ class VLLMTeacher(ServedTeacher):
 
     api = "vllm"
 
-    def _score_batch(self, batch: list[list[int]]) -> list[list[float]]:
+    def _score_batch(self, job: tuple[list[list[int]], int]) -> list[list[float]]:
+        batch, first = job
         path = "/v1/completions"
         # max_tokens 0 still generates one token, so ask for 1; prompt_logprobs 0 = the prompt token's own entry
         payload = {"model": self.model, "prompt": batch, "max_tokens": 1, "prompt_logprobs": 0,
@@ -122,9 +164,11 @@ class VLLMTeacher(ServedTeacher):
             raise self._bad(path, f"no choices[].index ({error!r})") from None
         if sorted(choices) != list(range(len(batch))):
             raise self._bad(path, f"choice indices {sorted(choices)[:8]} for {len(batch)} prompts")
-        return [self._parse_choice(path, index, ids, choices[index]) for index, ids in enumerate(batch)]
+        return [self._parse_choice(path, first + index, ids, choices[index]) for index, ids in enumerate(batch)]
 
     def _parse_choice(self, path: str, index: int, ids: list[int], choice: dict) -> list[float]:
+        if not isinstance(choice, dict):
+            raise self._bad(path, f"choice {index} is not an object")
         self._check_echo(path, index, ids, choice.get("prompt_token_ids"))
         entries = choice.get("prompt_logprobs")
         if not isinstance(entries, list) or len(entries) != len(ids):
@@ -134,10 +178,10 @@ class VLLMTeacher(ServedTeacher):
             entry = entries[position]
             # keyed by the token id as a string; with prompt_logprobs 0 it is the only key
             scored = entry.get(str(ids[position])) if isinstance(entry, dict) else None
-            if not isinstance(scored, dict) or not isinstance(scored.get("logprob"), (int, float)):
+            if not isinstance(scored, dict) or "logprob" not in scored:
                 raise self._bad(path, f"choice {index}, position {position}: no logprob for token {ids[position]} "
                                       f"in {str(entry)[:120]}")
-            scores.append(float(scored["logprob"]))
+            scores.append(self._logprob(path, index, position, scored["logprob"]))
         return scores
 
 
@@ -146,7 +190,8 @@ class SGLangTeacher(ServedTeacher):
 
     api = "sglang"
 
-    def _score_batch(self, batch: list[list[int]]) -> list[list[float]]:
+    def _score_batch(self, job: tuple[list[list[int]], int]) -> list[list[float]]:
+        batch, first = job
         path = "/generate"
         payload = {"input_ids": batch, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
                    "logprob_start_len": 0}
@@ -155,7 +200,8 @@ class SGLangTeacher(ServedTeacher):
             answer = [answer]  # tolerate an unwrapped answer to a batch of one
         if not isinstance(answer, list) or len(answer) != len(batch):
             raise self._bad(path, f"expected a list of {len(batch)} results, got {str(answer)[:120]}")
-        return [self._parse_result(path, index, ids, result) for index, (ids, result) in enumerate(zip(batch, answer))]
+        return [self._parse_result(path, first + index, ids, result)
+                for index, (ids, result) in enumerate(zip(batch, answer))]
 
     def _parse_result(self, path: str, index: int, ids: list[int], result) -> list[float]:
         try:
@@ -167,8 +213,8 @@ class SGLangTeacher(ServedTeacher):
         # entries are [logprob, token_id, text]; entry 0 (no context) has logprob null, or is null itself
         try:
             echoed = [ids[0] if entries[0] is None else entries[0][1]] + [entry[1] for entry in entries[1:]]
-            scores = [float(entry[0]) for entry in entries[1:]]
-        except (TypeError, IndexError, ValueError) as error:
+            values = [entry[0] for entry in entries[1:]]
+        except (TypeError, IndexError, KeyError) as error:
             raise self._bad(path, f"result {index}: entries are not [logprob, token_id, text] ({error!r})") from None
         self._check_echo(path, index, ids, echoed)
-        return scores
+        return [self._logprob(path, index, position, value) for position, value in enumerate(values, start=1)]

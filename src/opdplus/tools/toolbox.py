@@ -51,15 +51,30 @@ class ToolBox:
         self.max_result_chars = max_result_chars
 
     def call(self, name: Any, arguments: Any) -> str:
-        """The result of one call as the text the model will read."""
+        """The result of one call as the text the model will read, never longer than `max_result_chars`."""
+        return self._call(name, arguments)[: self.max_result_chars]
+
+    def _call(self, name: Any, arguments: Any) -> str:
         function = self.functions.get(name) if isinstance(name, str) else None
-        if function is None:
-            return f"error: unknown tool {name!r}; available: {', '.join(sorted(self.functions))}"
+        if function is None:  # the name is model text: show only its start, so the list of tools survives the cut
+            return f"error: unknown tool {_shortened(name)}; available: {', '.join(sorted(self.functions))}"
         if not isinstance(arguments, dict):
             return "error: arguments must be an object of named parameters"
         try:
             result = function(**arguments)
         except Exception as error:  # noqa: BLE001 - the model sees what went wrong and may retry
-            return f"error: {type(error).__name__}: {error}"[: self.max_result_chars]
-        text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
-        return text[: self.max_result_chars]
+            return f"error: {type(error).__name__}: {error}"
+        if isinstance(result, str):
+            return result
+        try:
+            return json.dumps(result, ensure_ascii=False, default=str)
+        except (ValueError, TypeError, RecursionError) as error:  # a circular or too deeply nested result
+            return f"error: the tool's result cannot be written as JSON: {error}"
+
+
+def _shortened(value: Any, limit: int = 80) -> str:
+    """The start of repr(value), without building the repr of a huge container first."""
+    if isinstance(value, (list, dict, tuple, set)) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
