@@ -221,8 +221,24 @@ def _train(args: Namespace) -> None:
 
     config = TrainConfig(**{field.name: args[field.name] for field in dataclasses.fields(TrainConfig)
                             if field.name in args})
-    last = train(config, progress=not args.no_progress)
+    try:
+        last = train(config, progress=not args.no_progress)
+        _leave_process_group(finished=True)
+    finally:  # after an error no barrier: the other processes may never reach it
+        _leave_process_group(finished=False)
     print(f"done: step {last['step']}, outputs in {config.out} (metrics.jsonl, final/)")
+
+
+def _leave_process_group(finished: bool) -> None:
+    """Close the process group before the interpreter exits. A process that exits with it open while another
+    still writes final/ can abort in the communication library's teardown ("terminate called without an active
+    exception", seen under DeepSpeed on CPU); after a finished run every process first waits for the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _eval(args: Namespace) -> None:
