@@ -56,7 +56,7 @@ def run_ours(plan: Plan) -> dict:
     if plan.device.startswith("cuda"):
         time_phases_on_gpu()
         if plan.generation == "vllm":
-            share_gpu_with_vllm(plan.vllm_memory, plan.prompts_per_step * plan.samples_per_prompt)
+            limit_vllm_sequences(plan.prompts_per_step * plan.samples_per_prompt)
     config = TrainConfig(
         task=TASK, student=plan.student, teacher=plan.teacher, out=plan.out, overwrite=True,
         divergence="jsd", estimator="opd+", device=plan.device, dtype=plan.dtype, rollout_backend=plan.generation,
@@ -64,6 +64,7 @@ def run_ours(plan: Plan) -> dict:
         max_new_tokens=plan.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
         steps=plan.steps, lr=plan.lr, lr_schedule="constant", max_grad_norm=1.0, seed=SEED,
         eval_every=0, eval_examples=1, tensorboard=False,  # evaluation and logging stay out of the steps
+        vllm_gpu_memory_utilization=plan.vllm_memory,
     )
     train(config, progress=False)
     records = [record for record in read_metrics(Path(plan.out)) if record["step"] >= 1]
@@ -106,16 +107,14 @@ def time_phases_on_gpu() -> None:
     metrics.Stopwatch.__call__ = timed
 
 
-def share_gpu_with_vllm(memory_fraction: float, max_num_seqs: int) -> None:
-    """Give the colocated engine `memory_fraction` of the GPU (vLLM's default takes 0.9 and leaves too little for
-    training beside it; TRL's colocated default is 0.3) and at most the step's rollouts in flight, as TRL does.
-    The trainer has no setting for these yet, so they are added where it builds the engine."""
+def limit_vllm_sequences(max_num_seqs: int) -> None:
+    """At most the step's rollouts in flight in the colocated engine, as TRL does (the trainer has no setting for
+    it; its GPU share is the trainer's vllm_gpu_memory_utilization), added where the trainer builds the engine."""
     from opdplus.rollout import engine
 
     if not hasattr(engine, "VLLMEngine"):
         raise RuntimeError("opdplus.rollout.engine no longer builds VLLMEngine by that name: update gpu_check")
-    engine.VLLMEngine = functools.partial(engine.VLLMEngine, gpu_memory_utilization=memory_fraction,
-                                          max_num_seqs=max_num_seqs)
+    engine.VLLMEngine = functools.partial(engine.VLLMEngine, max_num_seqs=max_num_seqs)
 
 
 # ---- TRL ---------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 repeats (alternating the two, so drift in the machine's speed hits both alike), and the bytes the served
 teacher sends back per scored token. ratio = served time / in-process time, in process taking the faster
 of torch's default threads and 1 thread (on a busy shared machine 2 threads can be many times slower than 1).
-No target: "report".
+No target: "report". Also the bytes per scored token of the top-k estimator's requests (`--estimator topk:K`:
+`prompt_logprobs: K`) for K in TOP_KS, beside K = 0 (plain scoring).
 
     python benchmarks/served_teacher.py [--quick] [--vllm-python PATH]   (or env OPDPLUS_VLLM_PYTHON)
 
@@ -29,6 +30,8 @@ from vllm_server import VLLMServer
 from opdplus.teachers import get_teacher
 from opdplus.teachers.sequences import from_sequences
 from opdplus.tiny import ASSETS_DIR, build_char_tokenizer, tiny_config
+
+TOP_KS = (8, 64)  # the server is started with --max-logprobs 64 (vLLM's default allows 20)
 
 
 def teacher_directory(workdir: str) -> tuple[str, str]:
@@ -69,7 +72,8 @@ def main() -> None:
         batch = from_sequences(sequences, starts)  # laid out as the trainer's rollouts are
 
         server = VLLMServer(model_dir, python=args.vllm_python, max_model_len=max_model_len,
-                            log_path=str(Path(workdir) / "server.log"))
+                            log_path=str(Path(workdir) / "server.log"),
+                            extra_args=("--max-logprobs", str(max(TOP_KS))))
         try:
             server.start(timeout=300)
             served = get_teacher(server.url)  # defaults: batches of 16, 4 concurrent requests
@@ -97,6 +101,11 @@ def main() -> None:
                     elif key == "local":
                         local_scores = scores
             torch.set_num_threads(default_threads)
+            top_k_bytes = {}  # K -> bytes received for the batch: the answer grows with K at every position
+            for k in TOP_KS:
+                bytes_before = served.client.bytes_received
+                served.distribution(batch, top_k=k)
+                top_k_bytes[k] = served.client.bytes_received - bytes_before
         finally:
             server.stop()
 
@@ -114,6 +123,7 @@ def main() -> None:
            ratio_served_one_request=round(median["served_one_request"] / best_local, 3),
            bytes_received_per_batch=bytes_per_batch,
            bytes_per_scored_token=round(bytes_per_batch / scored_tokens, 1),
+           **{f"bytes_per_scored_token_top{k}": round(top_k_bytes[k] / scored_tokens, 1) for k in TOP_KS},
            max_abs_logprob_difference=f"{difference:.2e}")
 
 

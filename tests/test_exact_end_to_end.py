@@ -75,12 +75,13 @@ def expected_step(student, teacher, vocab, max_new_tokens, batch_size, objective
 
 
 def step_moments(student, teacher, vocab, max_new_tokens, objective, batch_size=1, engine=None, corrected=True,
-                 **options):
+                 reward=None, **options):
     """(E[step], E[|step|^2]): sum over every batch of `batch_size` i.i.d. responses of P(batch) x (theta before -
     theta after one optimize() step with SGD at lr 1): the expected gradient of the trainer's loss. Batches that
     differ only in their order give the same step, so each multiset is run once, weighted by its number of
     orderings. engine: another model that samples the responses (a rollout engine with other numerics), whose
-    float32 log-probs the rollouts carry when `corrected`."""
+    float32 log-probs the rollouts carry when `corrected`. reward: response -> outcome reward, mixed in with the
+    objective's reward_weight."""
     parameters = [p for p in student.parameters()]
     start = [p.detach().clone() for p in parameters]
     strategy = SingleProcess()
@@ -102,11 +103,20 @@ def step_moments(student, teacher, vocab, max_new_tokens, objective, batch_size=
                 for row, index in enumerate(batch):
                     engine_logprobs[row, : len(every[index])] = token_logprobs_of(engine, every[index]).float()
             rollouts.sampling_logprobs = engine_logprobs.masked_fill(~rollouts.response_mask, 0.0)
-        teacher_logprobs = router.score(rollouts, ["default"] * batch_size).double()
+        extra = {}
+        if objective.needs_distribution:  # dense / top-k: the teacher's whole next-token distribution too
+            teacher_logprobs, extra["teacher_distribution"] = router.distribution(rollouts, ["default"] * batch_size,
+                                                                                  objective.top_k)
+            teacher_logprobs = teacher_logprobs.double()
+        else:
+            teacher_logprobs = router.score(rollouts, ["default"] * batch_size).double()
+        if reward is not None:
+            extra["sequence_advantages"] = objective.sequence_advantages(
+                [reward(every[index]) for index in batch], rollouts.prompt_index, teacher_logprobs.device).double()
         optimizer = torch.optim.SGD(parameters, lr=1.0)
         strategy.attach_optimizer(optimizer, None)
         update = optimize(strategy, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-                          objective, rollouts, teacher_logprobs, **options)
+                          objective, rollouts, teacher_logprobs, **extra, **options)
         assert update.applied
         with torch.no_grad():
             for accumulated, parameter, before in zip(total, parameters, start):

@@ -144,3 +144,68 @@ def test_centering_the_weight_keeps_the_expected_gradient(divergence):
     (grad_plain,) = torch.autograd.grad((weights * plain * logprobs).sum(), table, retain_graph=True)
     (grad_centered,) = torch.autograd.grad((weights * centered * logprobs).sum(), table)
     assert relative_error(grad_centered, grad_plain) < 1e-10
+
+
+# vocabulary 4: top-1 and top-2 leave a tail of several tokens; top-3 a tail of one (no coarsening at all)
+WIDE = TabularProblem(vocab=4, length=3, seed=1)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+@pytest.mark.parametrize("divergence", SMOOTH, ids=str)
+def test_dense_is_the_exact_gradient(divergence, gamma):
+    # the truth is written per token (gamma 0) or per sequence (gamma 1), not through position_divergences
+    estimate = PROBLEM.expected_descent_direction(divergence, "dense", gamma)
+    assert relative_error(estimate, PROBLEM.true_gradient(divergence, gamma)) < 1e-9
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+@pytest.mark.parametrize("divergence", ["rkl", "fkl", "jsd", "hellinger", "chi2", "alpha:0.5", JEFFREYS], ids=str)
+@pytest.mark.parametrize("k", [1, 2])
+def test_top_k_is_the_exact_gradient_of_the_coarsened_divergence(divergence, gamma, k):
+    coarse = WIDE.true_gradient(divergence, gamma, top_k=k)
+    assert relative_error(WIDE.expected_descent_direction(divergence, f"topk:{k}", gamma), coarse) < 1e-9
+    assert relative_error(coarse, WIDE.true_gradient(divergence, gamma)) > 1e-3  # another, coarser objective
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_a_tail_of_one_token_is_no_coarsening(gamma):
+    # checks the state-wise truth used for top-k against the per-token / per-sequence one
+    assert relative_error(WIDE.true_gradient("jsd", gamma, top_k=3), WIDE.true_gradient("jsd", gamma)) < 1e-12
+    assert relative_error(WIDE.expected_descent_direction("jsd", "topk:3", gamma),
+                          WIDE.true_gradient("jsd", gamma)) < 1e-9
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+@pytest.mark.parametrize("estimator", ["opd+", "dense", "topk:1"])
+@pytest.mark.parametrize("divergence", ["rkl", "fkl", "jsd"])
+def test_outcome_reward_with_leave_one_out_baseline_keeps_the_step_exact(divergence, estimator, gamma):
+    top_k = 1 if estimator == "topk:1" else None
+    truth = WIDE.true_gradient(divergence, gamma, top_k=top_k, reward_weight=0.5)
+    step = WIDE.expected_descent_direction(divergence, estimator, gamma, reward_weight=0.5)
+    assert relative_error(step, truth) < 1e-9
+    assert relative_error(WIDE.true_gradient(divergence, gamma, top_k=top_k), truth) > 1e-2  # the reward counts
+
+
+def test_exact_command_prints_every_estimator_against_its_truth(capsys):
+    from opdplus.cli import main
+
+    assert main(["exact", "--divergences", "rkl,fkl,jsd", "--vocab", "4", "--length", "2", "--top-k", "1,2",
+                 "--reward-weight", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1]
+    for column in ("opd", "opd+", "dense", "topk:1", "topk:1 vs D", "topk:2", "topk:2 vs D", "opd+ +λR", "dense +λR"):
+        assert column in header
+    rows = {(line.split()[0], float(line.split()[1])): [float(v) for v in line.split()[2:]] for line in lines[2:8]}
+    assert set(rows) == {(name, gamma) for name in ("rkl", "fkl", "jsd") for gamma in (0.0, 1.0)}
+    for (name, gamma), (opd, opd_cos, plus, dense, top1, top1_gap, top2, top2_gap, plus_r, dense_r) in rows.items():
+        assert max(plus, dense, top1, top2, plus_r, dense_r) < 1e-9
+        assert min(top1_gap, top2_gap) > 1e-2
+        assert (opd < 1e-9) if name == "rkl" else (opd > 0.1)
+    assert "leave-one-out" in "\n".join(lines[8:])
+
+
+def test_exact_command_rejects_a_top_k_outside_the_vocabulary(capsys):
+    from opdplus.cli import main
+
+    assert main(["exact", "--vocab", "3", "--top-k", "3"]) != 0
+    assert "--top-k" in capsys.readouterr().err

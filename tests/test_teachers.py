@@ -22,6 +22,7 @@ from opdplus.teachers import (
     get_teacher,
     score_sequences,
 )
+from opdplus.teachers.base import TokenRows
 from opdplus.teachers.routing import TeacherRouter
 from opdplus.teachers.sequences import from_sequences
 from opdplus.tiny import build_char_tokenizer
@@ -126,7 +127,19 @@ def test_get_teacher_dispatch(models):
 
 def fake_logprob(ids, position):
     """The fake model's log p(ids[position] | ids[:position]): depends on the token and its context."""
-    return -0.01 * (ids[position] + 3 * position + ids[position - 1])
+    top_ids, top_values = fake_top(ids, position, FAKE_TOP)
+    if ids[position] in top_ids:
+        return top_values[top_ids.index(ids[position])]
+    return -0.01 * (ids[position] + 3 * position + ids[position - 1]) - 2.0
+
+
+FAKE_TOP = 64  # the fake model's most likely tokens at each position: the previous token + 0, 1, 2, ... (mod 101)
+
+
+def fake_top(ids, position, k):
+    """The fake model's k most likely next tokens after ids[:position] (context only) and their log-probs."""
+    return ([(ids[position - 1] + j) % 101 for j in range(k)],
+            [-0.01 * (j + 1) - 0.001 * position for j in range(k)])
 
 
 class FakeServer:
@@ -181,11 +194,18 @@ class FakeServer:
         return 200, self.mutate(body) if self.mutate else body
 
     def vllm_completions(self, payload):
-        choices = []
+        """With prompt_logprobs K > 0, vLLM's shape: the top K by rank 1 .. K, and the prompt token's own entry
+        (its true rank) only when it is not among them."""
+        choices, top_k = [], payload["prompt_logprobs"]
         for index, ids in enumerate(payload["prompt"]):
-            prompt_logprobs = [None] + [
-                {str(ids[k]): {"logprob": fake_logprob(ids, k), "rank": 1, "decoded_token": "x"}}
-                for k in range(1, len(ids))]
+            prompt_logprobs = [None]
+            for k in range(1, len(ids)):
+                top_ids, top_values = fake_top(ids, k, FAKE_TOP)
+                own_rank = top_ids.index(ids[k]) + 1 if ids[k] in top_ids else FAKE_TOP + 1
+                entry = {str(ids[k]): {"logprob": fake_logprob(ids, k), "rank": own_rank, "decoded_token": "x"}}
+                entry.update({str(token): {"logprob": value, "rank": rank, "decoded_token": "x"}
+                              for rank, (token, value) in enumerate(zip(top_ids[:top_k], top_values), start=1)})
+                prompt_logprobs.append(entry)
             choices.append({"index": index, "text": "x", "token_ids": [7], "prompt_logprobs": prompt_logprobs,
                             "prompt_token_ids": list(ids), "finish_reason": "length"})
         random.Random(len(choices)).shuffle(choices)  # clients must map choices back by index
@@ -195,7 +215,12 @@ class FakeServer:
         results = []
         for ids in payload["input_ids"]:
             entries = [[None, ids[0], "x"]] + [[fake_logprob(ids, k), ids[k], "x"] for k in range(1, len(ids))]
-            results.append({"text": "", "output_ids": [], "meta_info": {"input_token_logprobs": entries}})
+            meta_info = {"input_token_logprobs": entries}
+            if payload.get("top_logprobs_num"):  # SGLang's shape: per position a list of [logprob, id, text]
+                meta_info["input_top_logprobs"] = [None] + [
+                    [[value, token, "x"] for token, value in zip(*fake_top(ids, k, payload["top_logprobs_num"]))]
+                    for k in range(1, len(ids))]
+            results.append({"text": "", "output_ids": [], "meta_info": meta_info})
         return results
 
     def close(self):
@@ -402,3 +427,138 @@ def test_served_model_name_checks():
 def test_served_teacher_refuses_temperature(server):
     with pytest.raises(ValueError, match="temperature 0.7 is not supported"):
         get_teacher(server.url, model="teacher", temperature=0.7)
+
+
+# ---------------------------------------------------------------- served top-k (--estimator topk:K)
+
+
+def top_k_rollouts(seed=5):
+    """Rows of prompts and responses of different lengths (one empty); about half the response tokens are among
+    the fake model's top 4 at their position, half not (the vLLM answer then holds an extra entry)."""
+    rng = random.Random(seed)
+    sequences, starts = [], []
+    for row in range(7):
+        ids = [rng.randrange(101) for _ in range(rng.randint(1, 5))]
+        starts.append(len(ids))
+        for _ in range(0 if row == 3 else rng.randint(1, 12)):
+            ids.append((ids[-1] + rng.randrange(8)) % 101)
+        sequences.append(ids)
+    return sequences, starts, from_sequences(sequences, starts)
+
+
+@pytest.mark.parametrize("api", ["vllm", "sglang"])
+def test_served_top_k_is_exactly_the_teachers_top_k(server, api):
+    teacher = get_teacher(server.url, api=api, batch_size=3, concurrency=2, **FAST)
+    teacher.check_tokenizer(build_char_tokenizer())  # ids are then checked against the 101-token vocabulary
+    sequences, starts, rollouts = top_k_rollouts()
+    scores, top = teacher.distribution(rollouts, top_k=4)
+    width = rollouts.input_ids.shape[1] - rollouts.prompt_length
+    assert top.token_ids.shape == top.logprobs.shape[:2] + (4,) == (7, width, 4)
+    assert top.token_ids.dtype == torch.long and top.logprobs.dtype == scores.dtype == torch.float32
+    torch.testing.assert_close(scores, teacher.score(rollouts), atol=0, rtol=0)
+    outside = 0
+    for row, (ids, begin) in enumerate(zip(sequences, starts)):
+        for t, position in enumerate(range(begin, len(ids))):
+            expected_ids, expected_values = fake_top(ids, position, 4)
+            assert top.token_ids[row, t].tolist() == expected_ids  # never the sampled token in place of one
+            torch.testing.assert_close(top.logprobs[row, t], torch.tensor(expected_values))
+            outside += ids[position] not in expected_ids
+        after_end = slice(len(ids) - begin, None)
+        assert (top.token_ids[row, after_end] == 0).all() and (top.logprobs[row, after_end] == 0).all()
+    assert 0 < outside < sum(len(ids) - begin for ids, begin in zip(sequences, starts))  # both cases were met
+    asked = [payload for method, path, payload in server.requests if path in ("/v1/completions", "/generate")]
+    key = "prompt_logprobs" if api == "vllm" else "top_logprobs_num"
+    assert len(asked) == 2 * 3 and {payload[key] for payload in asked[:3]} == {4}  # 7 rows in batches of 3
+
+
+def test_router_top_k_mixes_a_served_and_a_local_teacher(local, server):
+    served = get_teacher(server.url, batch_size=2, **FAST)
+    sequences, starts, rollouts = top_k_rollouts(seed=6)
+    routes = ["far" if row % 2 else None for row in range(7)]
+    scores, top = TeacherRouter({"default": local, "far": served}).distribution(rollouts, routes, 3)
+    for row in range(7):
+        teacher = served if routes[row] else local
+        alone_scores, alone = teacher.distribution(TokenRows.select(rollouts, [row]), 3)
+        torch.testing.assert_close(scores[row], alone_scores[0], atol=2e-5, rtol=0)
+        length = len(sequences[row]) - starts[row]  # past it the local teacher's top-k is of padding: unused
+        assert top.token_ids[row, :length].tolist() == alone.token_ids[0, :length].tolist()
+        torch.testing.assert_close(top.logprobs[row, :length], alone.logprobs[0, :length], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("api", ["vllm", "sglang"])
+def test_served_dense_is_a_one_line_error(local, server, api):
+    teacher = get_teacher(server.url, api=api, model="teacher", **FAST)
+    assert isinstance(teacher, Teacher) and isinstance(local, Teacher)  # every teacher offers `distribution`
+    _, _, rollouts = top_k_rollouts()
+    message = ("--estimator dense needs a local teacher (the whole vocabulary at every position); with a served "
+               "teacher use --estimator topk:K")
+    with pytest.raises(ValueError) as error:
+        teacher.distribution(rollouts, None)
+    assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        TeacherRouter({"default": teacher}).distribution(rollouts, [None] * 7, None)
+    assert str(error.value) == message
+    assert not [path for _, path, _ in server.requests if path != "/v1/models"]  # refused before any request
+
+
+def vllm_top_entry(body, change):
+    """Apply `change` to position 2 of the first choice's prompt_logprobs (a dict id -> {logprob, rank})."""
+    change(body["choices"][0]["prompt_logprobs"][2])
+    return body
+
+
+def drop_rank_2(entry):
+    del entry[next(key for key, value in entry.items() if value["rank"] == 2)]
+
+
+def repeat_rank_1(entry):
+    next(value for value in entry.values() if value["rank"] == 2)["rank"] = 1
+
+
+def positive_logprob(entry):
+    next(value for value in entry.values() if value["rank"] == 1)["logprob"] = 0.5
+
+
+def out_of_vocabulary(entry):
+    key = next(key for key, value in entry.items() if value["rank"] == 4)
+    entry["101"] = entry.pop(key)
+
+
+@pytest.mark.parametrize("change, message", [
+    (drop_rank_2, r"ranks \[1, 3, 4, 65\] are not 1 \.\. 4"),
+    (repeat_rank_1, r"ranks \[1, 1, 3, 4\] are not 1 \.\. 4"),
+    (positive_logprob, "a log-prob must be a finite number <= 0"),
+    (out_of_vocabulary, r"are not all in \[0, 101\)"),
+    (lambda entry: entry.update({"50": {"logprob": -9.0, "rank": 9}, "51": {"logprob": -9.5, "rank": 10}}),
+     r"ranks \[1, 2, 3, 4, 9, 10, 65\]"),
+])
+def test_vllm_malformed_top_k(server, change, message):
+    teacher = get_teacher(server.url, model="teacher", **FAST)
+    teacher.check_tokenizer(build_char_tokenizer())
+    server.mutate = lambda body: vllm_top_entry(body, change)
+    rollouts = from_sequences([[4, 5, 90, 7]], [1])  # 90 is outside the top 4 at position 2: an extra entry
+    with pytest.raises(ValueError, match=message) as error:
+        teacher.distribution(rollouts, top_k=4)
+    assert_one_line_naming(error, server.url)
+    assert "position 2" in str(error.value)
+
+
+def sglang_top_entry(results, change):
+    change(results[0]["meta_info"]["input_top_logprobs"])
+    return results
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tops: tops.pop(), "input_top_logprobs is not a list of 4 entries"),
+    (lambda tops: tops[2].pop(), "3 top log-probs where 4 were asked for"),
+    (lambda tops: tops[2].reverse(), "not in decreasing order"),
+    (lambda tops: tops[2][1].__setitem__(1, tops[2][0][1]), "repeat"),
+    (lambda tops: tops[2][1].__setitem__(0, float("nan")), "a log-prob must be a finite number <= 0"),
+    (lambda tops: tops[2].__setitem__(0, 7), "are not \\[logprob, token_id, text\\]"),
+])
+def test_sglang_malformed_top_k(server, change, message):
+    teacher = get_teacher(server.url, api="sglang", model="teacher", **FAST)
+    server.mutate = lambda results: sglang_top_entry(results, change)
+    with pytest.raises(ValueError, match=message) as error:
+        teacher.distribution(from_sequences([[4, 5, 90, 7]], [1]), top_k=4)
+    assert_one_line_naming(error, server.url)

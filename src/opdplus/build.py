@@ -11,6 +11,7 @@ import importlib.util
 import torch
 
 from opdplus.config import TrainConfig
+from opdplus.trackers import check_trackers_installed, tracker_names
 
 
 def check_environment(config: TrainConfig) -> None:
@@ -21,6 +22,7 @@ def check_environment(config: TrainConfig) -> None:
         from opdplus.tools import load_tools
 
         load_tools(config.tools)  # imports the user's module: a typo fails here, not at the first rollout
+    check_trackers_installed(tracker_names(config.report_to))
     if config.rollout_backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("rollout_backend vllm needs vLLM in this environment: pip install 'opdplus[vllm]'")
     for name in ("device", "teacher_device"):

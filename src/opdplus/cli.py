@@ -139,6 +139,29 @@ def _type_names(name: str) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in typing.get_args(kind) or (kind,))
 
 
+class _PlainYamlLoader(yaml.SafeLoader):
+    """Composes a config file, refusing anchors and aliases as the parser meets them: an alias is a shared node,
+    and a few nested ones ("billion laughs") expand to gigabytes once constructed or type-checked."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "YAML anchors and aliases are not supported (write the "
+                                              "value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _key_kind(node: yaml.Node) -> str | None:
+    """None for a plain-text mapping key, else what it is instead (`[a, b]`, `{a: 1}`, `!!int 5`)."""
+    if isinstance(node, yaml.SequenceNode):
+        return "a sequence"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if node.tag != "tag:yaml.org,2002:str":
+        return f"a value tagged {node.tag.replace('tag:yaml.org,2002:', '!!')}"
+    return None
+
+
 def load_yaml_config(path: str | Path) -> dict:
     """Read a run config: a YAML mapping of TrainConfig fields. Unknown keys and wrong types are reported as
     `file:line: ...` so that a typo cannot silently fall back to a default."""
@@ -146,7 +169,7 @@ def load_yaml_config(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        root = yaml.compose(path.read_text())
+        root = yaml.compose(path.read_text(), Loader=_PlainYamlLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -159,6 +182,8 @@ def load_yaml_config(path: str | Path) -> dict:
     parser, values = settings_parser(), {}
     for key_node, value_node in root.value:
         key, line = key_node.value, key_node.start_mark.line + 1
+        if _key_kind(key_node):
+            raise ValueError(f"{path}:{line}: a setting name must be plain text, got {_key_kind(key_node)}")
         if key not in names:
             raise ValueError(f"{path}:{line}: unknown key {key!r}; valid keys: {', '.join(names)}")
         if key in values:
@@ -193,22 +218,58 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 def _exact(args: Namespace) -> None:
     """Exact check on an enumerable tabular student: how far each estimator's expected step is from the truth."""
+    import math
+
     from opdplus.objective import get_divergence
     from opdplus.tabular import TabularProblem, cosine, relative_error
 
     names = [get_divergence(name).name for name in args.divergences.split(",")]  # fail before printing
+    try:
+        top_ks = [int(k) for k in args.top_k.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--top-k must be comma-separated integers, got {args.top_k!r}") from None
+    if any(not 1 <= k < args.vocab for k in top_ks):
+        raise ValueError(f"--top-k values must be between 1 and --vocab - 1 = {args.vocab - 1}, got {args.top_k}")
+    if not (math.isfinite(args.reward_weight) and args.reward_weight >= 0):
+        raise ValueError(f"--reward-weight must be a finite number >= 0, got {args.reward_weight}")
     problem = TabularProblem(vocab=args.vocab, length=args.length, seed=args.seed)
+    reward = args.reward_weight
     print(f"tabular student: vocabulary {args.vocab}, length {args.length}, {len(problem.sequences)} sequences "
           f"enumerated exactly (float64), seed {args.seed}")
-    print(f"{'divergence':<12} {'gamma':>5}  {'opd rel.err':>11} {'opd cos':>8}  {'opd+ rel.err':>12} {'opd+ cos':>8}")
+    columns = ["opd", "opd cos", "opd+", "dense"]
+    for k in top_ks:
+        columns += [f"topk:{k}", f"topk:{k} vs D"]
+    if reward:
+        columns += ["opd+ +λR", "dense +λR"]
+    widths = [max(9, len(column)) for column in columns]
+    print(f"{'divergence':<12} {'gamma':>5}  " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     for name in names:
         for gamma in (0.0, 1.0):
             truth = problem.true_gradient(name, gamma)
             opd = problem.expected_descent_direction(name, "opd", gamma)
-            plus = problem.expected_descent_direction(name, "opd+", gamma)
-            print(f"{name:<12} {gamma:>5g}  {relative_error(opd, truth):>11.3g} {cosine(opd, truth):>8.3f}  "
-                  f"{relative_error(plus, truth):>12.1e} {cosine(plus, truth):>8.3f}")
-    print("rel.err = |E[estimate] - true gradient| / |true gradient|; cos < 0 means the step goes uphill.")
+            values = [f"{relative_error(opd, truth):.3g}", f"{cosine(opd, truth):.3f}"]
+            for estimator in ("opd+", "dense"):
+                step = problem.expected_descent_direction(name, estimator, gamma)
+                values.append(f"{relative_error(step, truth):.1e}")
+            for k in top_ks:
+                coarse = problem.true_gradient(name, gamma, top_k=k)
+                top = problem.expected_descent_direction(name, f"topk:{k}", gamma)
+                values += [f"{relative_error(top, coarse):.1e}", f"{relative_error(coarse, truth):.3g}"]
+            if reward:
+                mixed = problem.true_gradient(name, gamma, reward_weight=reward)
+                for estimator in ("opd+", "dense"):
+                    step = problem.expected_descent_direction(name, estimator, gamma, reward_weight=reward)
+                    values.append(f"{relative_error(step, mixed):.1e}")
+            print(f"{name:<12} {gamma:>5g}  " + " ".join(f"{v:>{w}}" for v, w in zip(values, widths)))
+    print("rel.err = |E[step] - true gradient| / |true gradient| of the estimator's own objective; opd cos < 0: "
+          "the step goes uphill.\n"
+          "opd, opd+, dense: objective D. topk:K: D_K, the divergence over the teacher's K likeliest tokens plus one "
+          "tail bucket.\n"
+          "topk:K vs D = |grad D_K - grad D| / |grad D|: how far that coarser objective is from D (not an error).")
+    if reward:
+        print(f"+λR: objective λ E[R] - D, λ = {reward:g}, R(y) a fixed seeded 0/1 reward per sequence; advantage R "
+              "minus the leave-one-out\nbaseline over a group of 2 samples, every pair enumerated (a baseline does "
+              "not change E[R grad log p]: still exact).")
 
 
 def _train(args: Namespace) -> None:
@@ -312,7 +373,8 @@ def build_parser(train_defaults: dict | None = None) -> CommandParser:
     demo.add_argument("--tasks", type=typing.Optional[str], default=None,
                       help="comma-separated (default: arith,toolcall; arith with --quick)")
     demo.add_argument("--divergences", type=str, default="rkl,fkl,jsd", help="comma-separated divergences")
-    demo.add_argument("--estimators", type=str, default="opd,opd+", help="comma-separated estimators")
+    demo.add_argument("--estimators", type=str, default="opd,opd+,dense",
+                      help="comma-separated estimators (opd, opd+, dense, topk:K)")
     demo.add_argument("--steps", type=typing.Optional[int], default=None, help="override the number of steps per arm")
     demo.add_argument("--lr", type=typing.Optional[Float], default=None, help="override the learning rate")
     demo.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -355,17 +417,21 @@ def build_parser(train_defaults: dict | None = None) -> CommandParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    exact = CommandParser(description="Compare opd and opd+ with the exact gradient on a tabular student.")
+    exact = CommandParser(description="Compare opd, opd+, dense and topk:K (and the outcome reward mixed in) with "
+                                      "the exact gradient on a tabular student.")
     exact.add_argument("--divergences", type=str, default="rkl,fkl,jsd,hellinger,chi2,alpha:0.5",
                        help="comma-separated divergences")
     exact.add_argument("--vocab", type=int, default=3, help="vocabulary size of the tabular student")
     exact.add_argument("--length", type=int, default=3, help="sequence length")
     exact.add_argument("--seed", type=int, default=0, help="seed of the random teacher and student")
+    exact.add_argument("--top-k", type=str, default="1", help="comma-separated K of the topk:K columns (< --vocab)")
+    exact.add_argument("--reward-weight", type=Float, default=0.5,
+                       help="lambda of the outcome-reward columns (0: leave them out)")
 
     summaries = {"demo": "every divergence x estimator on the built-in tiny models; table + plot",
                  "train": "distill a teacher into a student",
                  "eval": "accuracy of a model on a task (table + JSONL)",
-                 "exact": "compare opd and opd+ with the exact gradient on a tabular student"}
+                 "exact": "compare every estimator's expected step with the exact gradient on a tabular student"}
     for name, command in {"demo": demo, "train": train, "eval": evaluate, "exact": exact}.items():
         _add_debug(command)
         commands.add_subcommand(name, command, help=summaries[name])

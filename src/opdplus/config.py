@@ -11,7 +11,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from opdplus.objective import ESTIMATORS, get_divergence
+from opdplus.objective import get_divergence, parse_estimator
+from opdplus.objective.checks import check_objective_settings
+from opdplus.trackers import tracker_names
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MAX_INT = 2**63 - 1  # every count fits a torch int64
@@ -62,8 +64,9 @@ class TrainConfig:
 
     divergence: str = setting("rkl", ESTIMATOR, "f-divergence to minimise: rkl, fkl, jsd, jsd:<beta>, tv, "
                               "hellinger, chi2, neyman_chi2 or alpha:<a>.")
-    estimator: str = setting("opd+", ESTIMATOR, "Per-token advantage: opd+ (exact f-divergence weight) or opd "
-                             "(stop-gradient reward).")
+    estimator: str = setting("opd+", ESTIMATOR, "opd+ (exact weight of the sampled token), opd (stop-gradient "
+                             "reward), dense (the whole next-token divergence, local teacher) or topk:K (the "
+                             "teacher's K likeliest tokens and a tail bucket).")
     gamma: float = setting(0.0, ESTIMATOR, "Discount in [0, 1] of future tokens' terms: 0 is the per-token "
                            "objective, 1 the exact sequence-level one.")
     log_ratio_clip: float | None = setting(10.0, ESTIMATOR, "Clamp of the log-ratio teacher - student (fkl and "
@@ -71,6 +74,9 @@ class TrainConfig:
     center_weight: bool = setting(True, ESTIMATOR, "Subtract w_f(1) from the opd+ weight: the same expected "
                                   "gradient with less variance (measured: benchmarks/centering.py); "
                                   "--no-center-weight for the plain weight.")
+    reward_weight: float = setting(0.0, ESTIMATOR, "Weight lambda of the task's outcome reward mixed into every "
+                                   "response token's advantage (leave-one-out baseline over a prompt's samples): "
+                                   "the gradient of lambda E[R] - D.")
     loss_reduction: str = setting("sequence-sum", ESTIMATOR, "Loss normaliser: sequence-sum (each response's token "
                                   "sum averaged over the step's responses: unbiased) or token-mean (divided by "
                                   "the step's sampled token count: biased when lengths vary).")
@@ -97,6 +103,9 @@ class TrainConfig:
                                 "metrics) or fail.")
     rollout_backend: str = setting("hf", ROLLOUTS, "Sampler: hf (generate with the training model) or vllm (a "
                                    "colocated vLLM engine synced to it).")
+    vllm_gpu_memory_utilization: float = setting(0.3, ROLLOUTS, "Share of the GPU in (0, 1] the vllm rollout "
+                                                 "engine may take (vLLM's own default, 0.9, leaves the trainer "
+                                                 "beside it no room); ignored on CPU.")
     temperature: float = setting(1.0, ROLLOUTS, "Sampling temperature; anything but 1.0 makes rollouts "
                                  "off-policy (a warning says so).")
     top_k: int = setting(0, ROLLOUTS, "Sample only from the k most likely tokens; 0 is off (exact on-policy).")
@@ -130,6 +139,8 @@ class TrainConfig:
                               "model.")
     keep_last: int = setting(2, RUN, "Checkpoints kept; older ones are deleted.")
     tensorboard: bool = setting(True, RUN, "Also write TensorBoard event files beside metrics.jsonl.")
+    report_to: str | list[str] = setting("none", RUN, "Trackers that also receive the metrics.jsonl rows, comma-"
+                                         "separated: tensorboard, wandb, trackio or none.")
     seed: int = setting(0, RUN, "Seed of prompt order, sampling and LoRA initialisation.")
     resume: bool = setting(False, RUN, "Continue the run in out from its last checkpoint.")
     overwrite: bool = setting(False, RUN, "Replace the run in out (files that are not run files are kept).")
@@ -137,10 +148,10 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first invalid value; what needs this machine is checked in opdplus.build."""
         get_divergence(self.divergence)
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        parse_estimator(self.estimator)
+        check_objective_settings(gamma=self.gamma, log_ratio_clip=self.log_ratio_clip, clip_eps=self.clip_eps,
+                                 reduction=self.loss_reduction, rollout_ratio_cap=self.rollout_ratio_cap,
+                                 reward_weight=self.reward_weight, reduction_name="loss_reduction")
         for name in ("prompts_per_step", "samples_per_prompt", "steps", "ppo_epochs", "eval_examples", "keep_last",
                      "max_bad_steps", "max_tool_turns"):
             if int(getattr(self, name)) < 1:
@@ -151,8 +162,7 @@ class TrainConfig:
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("log_ratio_clip", "clip_eps", "max_grad_norm", "micro_batch_size", "max_new_tokens",
-                     "max_prompt_length"):
+        for name in ("max_grad_norm", "micro_batch_size", "max_new_tokens", "max_prompt_length"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive or unset, got {value}")
@@ -164,20 +174,28 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.rollout_ratio_cap is not None and not self.rollout_ratio_cap >= 1:
-            raise ValueError(f"rollout_ratio_cap must be >= 1 or unset, got {self.rollout_ratio_cap}")
-        if self.loss_reduction not in ("sequence-sum", "token-mean"):
-            raise ValueError(f"loss_reduction must be sequence-sum or token-mean, got {self.loss_reduction!r}")
         if self.long_prompts not in ("skip", "fail"):
             raise ValueError(f"long_prompts must be skip or fail, got {self.long_prompts!r}")
         if self.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"rollout_backend must be hf or vllm, got {self.rollout_backend!r}")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.tools and self.rollout_backend != "hf":
             raise ValueError("tools: multi-turn tool rollouts run on the hf rollout backend only")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        tracker_names(self.report_to)  # raises ValueError listing the valid names
         self.check_number_ranges()
-        self.teacher_entries()
+        entries = self.teacher_entries()
+        if not self.reward_weight >= 0:
+            raise ValueError(f"reward_weight must be a finite number >= 0, got {self.reward_weight}")
+        if parse_estimator(self.estimator)[0] == "dense":  # the teacher's whole distribution at every position
+            if any(entry["spec"].startswith(("http://", "https://")) for entry in entries.values()):
+                raise ValueError("--estimator dense needs a local teacher (the whole vocabulary at every position); "
+                                 "with a served teacher use --estimator topk:K")
+            if self.teachers:
+                raise ValueError("--estimator dense with several teachers is not supported (their heads differ); "
+                                 "use --estimator topk:K")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
         return self
@@ -185,14 +203,14 @@ class TrainConfig:
     def check_number_ranges(self) -> None:
         """Every number finite and in range before anything is loaded or written: an inf or a value that
         overflows the weights would otherwise train to non-finite weights or skip every update in silence."""
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{field.name} must be a finite number, got {value}")
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
                 raise ValueError(f"{field.name} must be at most {MAX_INT}, got {value}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
         largest = LARGEST_FINITE.get(self.dtype, LARGEST_FINITE["float32"])
         if self.lr > largest * 1e-3:  # one AdamW step moves a weight by about lr
             raise ValueError(f"lr must be below {largest * 1e-3:.3g} (an AdamW step of about lr overflows "
@@ -209,8 +227,63 @@ class TrainConfig:
                 entry = {"spec": entry}
             if not isinstance(entry, dict) or not isinstance(entry.get("spec"), str):
                 raise ValueError(f"teachers: {name!r} must be a model spec or a mapping with a 'spec' key")
+            check_teacher_options(f"teachers: {name!r}", entry["spec"],
+                                  {key: value for key, value in entry.items() if key != "spec"})
             entries[str(name)] = entry
         return entries
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _integer(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= MAX_INT
+
+
+def _number(value, *, positive: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > 0 if positive else value >= 0
+
+
+# option -> (check, what it must be): a teacher entry's options, refused by name before anything is loaded
+SHARED_TEACHER_OPTIONS = {
+    "batch_size": (lambda value: _integer(value, 1), "a positive integer"),
+    "temperature": (lambda value: _number(value, positive=True), "a positive finite number"),
+}
+SERVED_TEACHER_OPTIONS = {
+    **SHARED_TEACHER_OPTIONS,
+    "api": (lambda value: value in ("vllm", "sglang"), "vllm or sglang"),
+    "model": (lambda value: value is None or (isinstance(value, str) and value != ""),
+              "a served model name (null: the only one served)"),
+    "timeout": (lambda value: _number(value, positive=True), "a positive finite number of seconds"),
+    "max_retries": (lambda value: _integer(value, 0), "an integer >= 0"),
+    "backoff": (lambda value: _number(value, positive=False), "a finite number of seconds >= 0"),
+    "concurrency": (lambda value: _integer(value, 1), "a positive integer"),
+}
+LOCAL_TEACHER_OPTIONS = {
+    **SHARED_TEACHER_OPTIONS,
+    "dtype": (lambda value: value in ("float32", "bfloat16", "float16") or (
+        not isinstance(value, str) and str(value) in ("torch.float32", "torch.bfloat16", "torch.float16")),
+        "float32, bfloat16 or float16"),
+    "device": (lambda value: (isinstance(value, str) and value != "") or type(value).__name__ == "device",
+               "a device name such as cpu or cuda:1"),
+}
+
+
+def check_teacher_options(where: str, spec: str, options: dict) -> None:
+    """Raise one-line ValueError `WHERE: ...` naming the first unknown or out-of-range option of the teacher at
+    `spec`: a typo or a zero batch size would otherwise surface as a TypeError or a crash mid-run."""
+    served = spec.startswith(("http://", "https://"))
+    known = SERVED_TEACHER_OPTIONS if served else LOCAL_TEACHER_OPTIONS
+    for option, value in options.items():
+        if option == "api" and not served:
+            raise ValueError(f"{where}: api={value!r} is for served teachers (http://...), not {spec!r}")
+        if option not in known:
+            raise ValueError(f"{where}: unknown option {option!r} for a {'served' if served else 'local'} "
+                             f"teacher; valid options: {', '.join(sorted(known))}")
+        if option == "api" and not known[option][0](value):
+            raise ValueError(f"{where}: unknown teacher api {value!r}; choose from sglang, vllm")
+        check, meaning = known[option]
+        if not check(value):
+            raise ValueError(f"{where}: {option} must be {meaning}, got {value!r}")

@@ -1,4 +1,5 @@
-"""What a run writes about itself while it trains: metrics.jsonl, TensorBoard scalars, timings."""
+"""What a run writes about itself while it trains: metrics.jsonl, the --report-to trackers (TensorBoard, wandb,
+Trackio), timings."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from pathlib import Path
 import torch
 
 from opdplus.checkpoint import DiskFullError, atomic_write_text, is_disk_full
+from opdplus.trackers import close_trackers, start_trackers, tracker_names
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per step) and, optionally, TensorBoard scalars.
+    """metrics.jsonl (one JSON object per step) and, optionally, the same numbers sent to trackers.
 
     On resume the file is cut back to the checkpoint's step, so a step is never logged twice.
     """
 
-    def __init__(self, out: Path, keep_through: int, tensorboard: bool, enabled: bool = True):
-        self.enabled, self.last_accuracy, self.handle, self.writer = enabled, float("nan"), None, None
+    def __init__(self, out: Path, keep_through: int, tensorboard: bool, enabled: bool = True,
+                 report_to: str | list | None = None, config: dict | None = None):
+        self.enabled, self.last_accuracy, self.handle, self.trackers = enabled, float("nan"), None, []
         if not enabled:  # a data-parallel worker other than process 0
             return
         self.path = out / "metrics.jsonl"
@@ -29,11 +32,13 @@ class MetricsLog:
         self.last_accuracy = next((json.loads(line)["greedy_accuracy"] for line in reversed(kept)
                                    if "greedy_accuracy" in json.loads(line)), float("nan"))
         self.handle = open(self.path, "a")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
-
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=keep_through + 1)
+        names = tracker_names(report_to)  # --report-to; --tensorboard (on by default) adds TensorBoard
+        names = ["tensorboard"] * (tensorboard and "tensorboard" not in names) + names
+        try:
+            self.trackers = start_trackers(names, out, keep_through, config or {})
+        except BaseException:
+            self.handle.close()
+            raise
 
     def _read_records(self) -> list[tuple[str, dict]]:
         """(line, record) of an existing metrics.jsonl. A torn last line (a run killed mid-write) is dropped with a
@@ -73,17 +78,24 @@ class MetricsLog:
             raise
         if "greedy_accuracy" in record:
             self.last_accuracy = record["greedy_accuracy"]
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(key, value, record["step"])
+        scalars = {key: value for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
+        for tracker in self.trackers:
+            tracker.log(scalars, record["step"])
         return record
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close metrics.jsonl and the trackers; a second call does nothing."""
         if self.handle is not None:
             self.handle.close()
-        if self.writer is not None:
-            self.writer.close()
+        trackers, self.trackers = self.trackers, []
+        close_trackers(trackers, failed)
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Trackers are closed after a failure too (a wandb run then ends marked failed)."""
+        self.close(failed=kind is not None)
 
 
 class Stopwatch:

@@ -79,6 +79,7 @@ def setup_run(config: TrainConfig) -> Run:
     if config.max_prompt_length:  # too-long prompts fail (or leave nothing to train on) before anything is written
         candidates = task.load("train") if task.reads_files else task.examples("train", 256, seed=config.seed)
         drop_long_prompts(candidates, tokenizer, config)
+    check_prompts_fit(task, tokenizer, config, contexts(model, teachers))
     strategy = make_strategy(sharding)
     if strategy.is_main:
         prepare_run_directory(out, overwrite=config.overwrite)
@@ -111,14 +112,16 @@ def setup_run(config: TrainConfig) -> Run:
     if strategy.is_main:
         atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
     log = MetricsLog(out, keep_through=start_step if resume_from else -1, tensorboard=config.tensorboard,
-                     enabled=strategy.is_main)
+                     enabled=strategy.is_main, report_to=config.report_to, config=config.to_dict())
     objective = Objective(config.divergence, config.estimator, gamma=config.gamma,
                           log_ratio_clip=config.log_ratio_clip, center=config.center_weight, clip_eps=config.clip_eps,
-                          reduction=config.loss_reduction, rollout_ratio_cap=config.rollout_ratio_cap)
+                          reduction=config.loss_reduction, rollout_ratio_cap=config.rollout_ratio_cap,
+                          reward_weight=config.reward_weight)
     return Run(config=config, out=out, task=task, tokenizer=tokenizer, model=model, strategy=strategy,
                optimizer=optimizer, scheduler=scheduler, objective=objective, teachers=teachers,
                engine=make_engine(config.rollout_backend, model, tokenizer, task, temperature=config.temperature,
-                                  top_k=config.top_k, top_p=config.top_p),
+                                  top_k=config.top_k, top_p=config.top_p,
+                                  gpu_memory_utilization=config.vllm_gpu_memory_utilization),
                log=log, evaluates=evaluates, test_examples=test_examples if strategy.is_main else [],
                start_step=start_step, max_new_tokens=config.max_new_tokens or task.max_new_tokens)
 
@@ -127,8 +130,9 @@ def setup_run(config: TrainConfig) -> Run:
 # it runs: micro-batches and recomputation give the same update); every other one defines the run, and --resume
 # refuses a change to it
 MAY_CHANGE_ON_RESUME = ("steps", "eval_every", "eval_examples", "eval_k", "save_every", "keep_last", "tensorboard",
-                        "max_bad_steps", "device", "teacher_device", "micro_batch_size", "gradient_checkpointing",
-                        "out", "resume", "overwrite")
+                        "report_to", "max_bad_steps", "device", "teacher_device", "micro_batch_size",
+                        "vllm_gpu_memory_utilization",
+                        "gradient_checkpointing", "out", "resume", "overwrite")
 
 
 def check_resume_settings(config: TrainConfig, out: Path) -> None:
@@ -176,6 +180,46 @@ def drop_long_prompts(examples: list, tokenizer, config: TrainConfig) -> tuple[l
     if not kept:
         raise ValueError(f"every prompt of the batch exceeds max_prompt_length={config.max_prompt_length}")
     return kept, len(examples) - len(kept)
+
+
+def contexts(student, teachers: TeacherRouter) -> dict[str, int]:
+    """The longest sequence each local model takes (config.max_position_embeddings, where the config says)."""
+    models = {"the student": student} | {f"teacher {name!r}": getattr(teacher, "model", None)
+                                         for name, teacher in teachers.teachers.items()}
+    configs = {who: getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
+               for who, model in models.items()}  # a tempered teacher wraps its model
+    found = {who: getattr(config, "max_position_embeddings", None) for who, config in configs.items()}
+    return {who: context for who, context in found.items() if isinstance(context, int) and context > 0}
+
+
+def check_prompts_fit(task, tokenizer, config: TrainConfig, limits: dict[str, int]) -> None:
+    """Without --max-prompt-length, a prompt longer than a model's context is refused, naming it: it would
+    otherwise run for minutes, into out-of-memory or silently past the positions the model knows. Checked before
+    anything is written. Room for max_new_tokens after the longest prompt, and --max-prompt-length (the user's own
+    bound) past the context, get a warning: responses usually end early, at EOS."""
+    if not limits:
+        return
+    who, context = min(limits.items(), key=lambda item: item[1])
+    new_tokens = config.max_new_tokens or task.max_new_tokens
+    longest = config.max_prompt_length
+    if not config.max_prompt_length:
+        if task.reads_files:
+            sets = [(f"{path}: example", task.load(split)) for split, path in (("train", config.data),
+                                                                                ("test", config.test_data)) if path]
+        else:
+            sets = [("train example", task.examples("train", 256, seed=config.seed))]
+        for where, examples in sets:
+            for index, (example, ids) in enumerate(zip(examples, encode_prompts(tokenizer, examples)), start=1):
+                longest = max(longest or 0, len(ids))
+                if len(ids) > context:
+                    name = f" (id {example.id})" if example.id is not None else ""
+                    raise ValueError(f"{where} {index}{name}: a prompt of {len(ids)} tokens exceeds the context of "
+                                     f"{who} ({context} tokens): pass --max-prompt-length "
+                                     f"{max(1, context - new_tokens)} to drop longer prompts")
+    if longest and longest + new_tokens > context and world()[0] == 0:
+        warnings.warn(f"prompts of up to {longest} tokens + max_new_tokens {new_tokens} exceed the context of {who} "
+                      f"({context} tokens): a long response runs past it (--max-prompt-length limits prompts)",
+                      stacklevel=3)
 
 
 def lr_lambda(config: TrainConfig):

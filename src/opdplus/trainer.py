@@ -40,7 +40,9 @@ class NonFiniteRunError(RuntimeError):
 def train(config: TrainConfig, *, progress: bool = True) -> dict:
     """Run (or resume) one training run; returns the last logged metrics."""
     try:
-        return run_steps(setup_run(config), progress)
+        run = setup_run(config)
+        with run.log:  # metrics.jsonl and the trackers are closed after a failure too
+            return run_steps(run, progress)
     finally:  # the run directory is free for the next run (--resume, say), after a failure too
         release_run_directory(Path(config.out))
 
@@ -67,12 +69,22 @@ def run_steps(run: Run, progress: bool) -> dict:
 
         with clock("teacher"):  # 2. each example's teacher scores exactly the sampled token ids
             routes = [examples[index].teacher or "default" for index in rollouts.prompt_index]
-            teacher_logprobs = run.teachers.score(rollouts, routes)  # [N, T]
+            teacher_distribution = None  # dense / top-k: the teacher's next-token distribution at every position
+            if run.objective.needs_distribution:
+                teacher_logprobs, teacher_distribution = run.teachers.distribution(rollouts, routes,
+                                                                                   run.objective.top_k)
+            else:
+                teacher_logprobs = run.teachers.score(rollouts, routes)  # [N, T]
+        correct = [run.task.verify(completion, examples[index])  # the outcome reward: 1 if correct, else 0
+                   for completion, index in zip(rollouts.completions, rollouts.prompt_index)]
 
         with clock("update"):  # 3. policy-gradient updates; epochs after the first reuse the batch off-policy
             update = optimize(strategy, run.optimizer, run.scheduler, run.objective, rollouts, teacher_logprobs,
                               ppo_epochs=config.ppo_epochs, micro_batch_size=config.micro_batch_size,
-                              gradient_checkpointing=config.gradient_checkpointing, clock=clock)
+                              gradient_checkpointing=config.gradient_checkpointing, clock=clock,
+                              teacher_distribution=teacher_distribution,
+                              sequence_advantages=run.objective.sequence_advantages(
+                                  correct, rollouts.prompt_index, teacher_logprobs.device))
             if update.applied:
                 run.engine.sync_weights(run.model)  # vLLM: the engine's copy of the weights; HF: nothing to do
         failpoint(f"update:{step}")
@@ -84,8 +96,6 @@ def run_steps(run: Run, progress: bool) -> dict:
             bad_prompts = sorted({rollouts.prompt_index[row] for row in update.bad_rows})
             tqdm.write(f"step {step}: non-finite values in {len(update.bad_rows)} rollouts "
                        f"(prompts {bad_prompts[:8]}); update skipped")
-        correct = [run.task.verify(completion, examples[index])
-                   for completion, index in zip(rollouts.completions, rollouts.prompt_index)]
         record = {
             "step": step, **update.metrics,
             "skipped_update": int(not update.applied), "skipped_updates_total": skipped_updates,
@@ -95,6 +105,8 @@ def run_steps(run: Run, progress: bool) -> dict:
             **{f"time_{name}": clock.seconds.pop(name) for name in ("generate", "teacher", "update")},
             **{f"time_{name}": seconds for name, seconds in clock.seconds.items()},  # forward, backward, optimizer
         }
+        if config.reward_weight:  # the outcome reward mixed into the advantages (a verifier's: 1 correct, 0 not)
+            record["reward_mean"] = sum(map(float, correct)) / len(correct)
         if config.teachers and update.applied:  # several teachers: each one's share, divergence and |A|
             record.update({f"teacher/{key}": value for key, value in run.objective.group_metrics(
                 routes, mask, update.logprobs, teacher_logprobs, update.advantages).items()})
@@ -103,7 +115,6 @@ def run_steps(run: Run, progress: bool) -> dict:
         record["time_step"] = time.perf_counter() - started
         last = log.write(record)
         if bad_steps >= config.max_bad_steps:
-            log.close()
             raise NonFiniteRunError(f"{bad_steps} consecutive steps with non-finite values (last at step {step}); "
                                     f"stopped, the last good checkpoint in {run.out} is intact")
         bar.set_postfix(acc=f"{log.last_accuracy:.2f}", rkl=f"{record.get('reverse_kl', math.nan):.3f}",
@@ -156,7 +167,8 @@ class Update:
 
 def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective, rollouts,
              teacher_logprobs: torch.Tensor, *, ppo_epochs: int = 1, micro_batch_size: int | None = None,
-             gradient_checkpointing: bool = False, clock: Stopwatch | None = None) -> Update:
+             gradient_checkpointing: bool = False, clock: Stopwatch | None = None, teacher_distribution=None,
+             sequence_advantages: torch.Tensor | None = None) -> Update:
     """`ppo_epochs` optimizer steps on one batch, each accumulated over micro-batches of `micro_batch_size` rows.
 
     The loss of every micro-batch is divided by a count of the whole step (all micro-batches, all processes):
@@ -167,7 +179,9 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
     the current policy). When another engine sampled the batch (`rollouts.sampling_logprobs`, e.g. vLLM), every
     token's term is weighted by min(p_theta / p_engine, cap), computed once from the first epoch's log-probs, so
     the update stays that of the policy being trained. A non-finite value anywhere skips the whole update on
-    every process."""
+    every process. teacher_distribution (dense / top-k estimators): the teacher's next-token distribution at every
+    response position, rows as the rollouts'; sequence_advantages [N]: the outcome reward's share of each row's
+    advantage (`Objective.sequence_advantages`)."""
     clock = clock or Stopwatch()
     input_ids, attention_mask = rollouts.input_ids, rollouts.attention_mask  # [N, P + T]
     mask, prompt_length = rollouts.response_mask, rollouts.prompt_length  # [N, T], P
@@ -185,9 +199,17 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
         for epoch in range(ppo_epochs):
             parts, bad_rows = [], []
             for batch in micro_batches:
+                divergences = None  # [B, T] dense / top-k: each position's divergence, with gradient
                 with clock("student_forward"):
-                    logprobs = strategy.logprobs(input_ids[batch], attention_mask[batch], prompt_length)  # [B, T]
+                    if teacher_distribution is None:
+                        logprobs = strategy.logprobs(input_ids[batch], attention_mask[batch], prompt_length)  # [B, T]
+                    else:
+                        both = strategy.logprobs(input_ids[batch], attention_mask[batch], prompt_length,
+                                                 objective.per_position(teacher_distribution.rows(batch)))  # [B, T, 2]
+                        logprobs, divergences = both[..., 0], both[..., 1]
                 finite = (torch.isfinite(logprobs.detach()) & torch.isfinite(teacher_logprobs[batch])) | ~mask[batch]
+                if divergences is not None:
+                    finite &= torch.isfinite(divergences.detach()) | ~mask[batch]
                 if not finite.all():
                     bad_rows += [batch.start + row for row in (~finite.all(-1)).nonzero().flatten().tolist()]
                     strategy.discard(logprobs.sum())
@@ -199,7 +221,9 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
                 loss, metrics, batch_advantages = objective.loss(
                     logprobs, teacher_logprobs[batch], mask[batch], num_sequences=num_sequences, num_tokens=num_tokens,
                     behavior_logprobs=behavior_logprobs[batch] if epoch > 0 else None,
-                    sample_weights=sample_weights[batch] if engine_logprobs is not None else None)
+                    sample_weights=sample_weights[batch] if engine_logprobs is not None else None,
+                    divergences=divergences,
+                    sequence_advantages=sequence_advantages[batch] if sequence_advantages is not None else None)
                 if not torch.isfinite(loss):  # e.g. an unclipped fkl/chi2 weight overflowing
                     bad_rows += list(range(batch.start, min(batch.stop, rows)))
                     strategy.discard(loss)

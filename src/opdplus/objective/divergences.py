@@ -35,6 +35,9 @@ class Divergence:
     f_of_log_ratio: Callable[[Tensor], Tensor]
     weight_of_log_ratio: Callable[[Tensor], Tensor]
     safe_log_ratio: float | None = None  # None: finite for any finite l
+    # (student log-probs, teacher log-probs) -> p f(q / p) elementwise, written so that it stays accurate where
+    # p << q or q << p; None: exp(log p) * f(log q - log p)
+    perspective_of_logprobs: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def f(self, log_ratio: Tensor) -> Tensor:
         """The generator f at u = exp(log_ratio); E_p[f] is the divergence D_f(q || p)."""
@@ -47,6 +50,13 @@ class Divergence:
     def weight(self, log_ratio: Tensor) -> Tensor:
         """OPD+ weight w_f(u) = -f(u) + u f'(u): the exact per-token policy-gradient weight."""
         return self.weight_of_log_ratio(log_ratio)
+
+    def perspective(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+        """p f(q / p) elementwise: one token's share of D_f(q || p) = sum_y p(y) f(q(y) / p(y)), differentiable
+        in both (the dense and top-k estimators sum it over the vocabulary)."""
+        if self.perspective_of_logprobs is not None:
+            return self.perspective_of_logprobs(student_logprobs, teacher_logprobs)
+        return torch.exp(student_logprobs) * self.f_of_log_ratio(teacher_logprobs - student_logprobs)
 
     def __repr__(self) -> str:
         return f"Divergence({self.name!r})"
@@ -98,12 +108,14 @@ def _check_generator(fn: Callable[[Tensor], Tensor], name: str) -> None:
 # Each pair is f and w = -f + u f' in closed form in l; the comment gives f(u) as in the literature.
 
 
-def _rkl() -> Divergence:  # f = -log u  ->  D = KL(p || q);  w = l - 1
-    return Divergence("rkl", lambda l: -l, lambda l: l - 1.0)
+def _rkl() -> Divergence:  # f = -log u  ->  D = KL(p || q);  w = l - 1;  p f = p (log p - log q)
+    return Divergence("rkl", lambda l: -l, lambda l: l - 1.0,
+                      perspective_of_logprobs=lambda lp, lq: torch.exp(lp) * (lp - lq))
 
 
-def _fkl() -> Divergence:  # f = u log u  ->  D = KL(q || p);  w = u
-    return Divergence("fkl", lambda l: l * torch.exp(l), torch.exp, safe_log_ratio=_EXP_LIMIT)
+def _fkl() -> Divergence:  # f = u log u  ->  D = KL(q || p);  w = u;  p f = q (log q - log p)
+    return Divergence("fkl", lambda l: l * torch.exp(l), torch.exp, safe_log_ratio=_EXP_LIMIT,
+                      perspective_of_logprobs=lambda lp, lq: torch.exp(lq) * (lq - lp))
 
 
 def _jsd(beta: float) -> Divergence:
@@ -121,12 +133,17 @@ def _jsd(beta: float) -> Divergence:
     def weight(l: Tensor) -> Tensor:
         return (1.0 - beta) * log_mixture(l)
 
+    def perspective(lp: Tensor, lq: Tensor) -> Tensor:  # b KL(q || M) + (1 - b) KL(p || M), M = b q + (1 - b) p
+        log_m = torch.logaddexp(lq + log_beta, lp + log_one_minus_beta)
+        return beta * torch.exp(lq) * (lq - log_m) + (1.0 - beta) * torch.exp(lp) * (lp - log_m)
+
     name = "jsd" if beta == 0.5 else f"jsd:{beta:g}"
-    return Divergence(name, f, weight, safe_log_ratio=_EXP_LIMIT)
+    return Divergence(name, f, weight, safe_log_ratio=_EXP_LIMIT, perspective_of_logprobs=perspective)
 
 
-def _tv() -> Divergence:  # f = |u - 1| / 2;  w = sign(u - 1) / 2
-    return Divergence("tv", lambda l: 0.5 * torch.expm1(l).abs(), lambda l: 0.5 * torch.sign(l))
+def _tv() -> Divergence:  # f = |u - 1| / 2;  w = sign(u - 1) / 2;  p f = |q - p| / 2
+    return Divergence("tv", lambda l: 0.5 * torch.expm1(l).abs(), lambda l: 0.5 * torch.sign(l),
+                      perspective_of_logprobs=lambda lp, lq: 0.5 * (torch.exp(lq) - torch.exp(lp)).abs())
 
 
 def _hellinger() -> Divergence:  # f = (sqrt u - 1)^2;  w = sqrt u - 1
@@ -135,6 +152,7 @@ def _hellinger() -> Divergence:  # f = (sqrt u - 1)^2;  w = sqrt u - 1
         lambda l: torch.expm1(0.5 * l).square(),
         lambda l: torch.expm1(0.5 * l),
         safe_log_ratio=_EXP_LIMIT,
+        perspective_of_logprobs=lambda lp, lq: (torch.exp(0.5 * lq) - torch.exp(0.5 * lp)).square(),  # (vq - vp)^2
     )
 
 
@@ -144,7 +162,17 @@ def _chi2() -> Divergence:  # Pearson: f = (u - 1)^2;  w = u^2 - 1
         lambda l: torch.expm1(l).square(),
         lambda l: torch.expm1(2.0 * l),
         safe_log_ratio=_EXP_LIMIT / 2,
+        perspective_of_logprobs=_pearson,
     )
+
+
+def _pearson(lp: Tensor, lq: Tensor) -> Tensor:
+    """(q - p)^2 / p: p (u - 1)^2 where q <= p, q u (1 - 1/u)^2 where q > p, so neither side overflows early.
+    Each branch sees only its own log-ratios (an inf in the branch not taken would poison the gradient)."""
+    l = lq - lp
+    above, below = l.clamp(min=0), l.clamp(max=0)
+    return torch.where(l > 0, torch.exp(lp + 2.0 * above) * torch.expm1(-above).square(),
+                       torch.exp(lp) * torch.expm1(below).square())
 
 
 def _neyman_chi2() -> Divergence:  # f = (1 - u)^2 / u = 4 sinh^2(l/2);  w = 2 (1 - 1/u)
@@ -153,6 +181,7 @@ def _neyman_chi2() -> Divergence:  # f = (1 - u)^2 / u = 4 sinh^2(l/2);  w = 2 (
         lambda l: 4.0 * torch.sinh(0.5 * l).square(),
         lambda l: -2.0 * torch.expm1(-l),
         safe_log_ratio=_EXP_LIMIT,
+        perspective_of_logprobs=lambda lp, lq: _pearson(lq, lp),  # (p - q)^2 / q
     )
 
 
@@ -175,7 +204,21 @@ def _alpha(a: float) -> Divergence:
     def weight(l: Tensor) -> Tensor:
         return _expm1_over(a, l)
 
-    return Divergence(f"alpha:{a:g}", f, weight, safe_log_ratio=_EXP_LIMIT / max(1.0, abs(a), abs(a - 1.0)))
+    def perspective(lp: Tensor, lq: Tensor) -> Tensor:
+        # p f(l) near l = 0 (accurate there); (q^a p^(1-a) - a q - (1 - a) p) / (a (a - 1)) elsewhere, where
+        # p f(l) could overflow; each branch sees only its own log-ratios
+        l = lq - lp
+        near = l.abs() < 1.0
+        l_near, lq_far = torch.where(near, l, 0.0), torch.where(near, lp + 2.0, lq)
+        far = (torch.exp(a * lq_far + (1.0 - a) * lp) - a * torch.exp(lq_far) - (1.0 - a) * torch.exp(lp)) / (a * (a - 1.0))
+        return torch.where(near, torch.exp(lp) * f(l_near), far)
+
+    def limit_perspective(lp: Tensor, lq: Tensor) -> Tensor:  # a = 0: p log(p/q) + q - p;  a = 1: q log(q/p) - q + p
+        lx, ly = (lp, lq) if a == 0.0 else (lq, lp)
+        return torch.exp(lx) * (lx - ly) + torch.exp(ly) - torch.exp(lx)
+
+    return Divergence(f"alpha:{a:g}", f, weight, safe_log_ratio=_EXP_LIMIT / max(1.0, abs(a), abs(a - 1.0)),
+                      perspective_of_logprobs=limit_perspective if a in (0.0, 1.0) else perspective)
 
 
 _SIMPLE = {

@@ -21,6 +21,7 @@ from opdplus.objective.advantages import (
     check_gamma,
     check_log_ratio_clip,
     check_token_inputs,
+    discounted_future_sum,
     log_ratios,
 )
 from opdplus.objective.divergences import Divergence, get_divergence
@@ -106,14 +107,26 @@ def policy_gradient_loss(
     num_sequences: int | float | None = None,
     num_tokens: int | float | None = None,
     sample_weights: Tensor | None = None,  # [B, T] detached per-token importance weights (another sampler)
+    divergences: Tensor | None = None,  # [B, T] per-position divergences with gradient (dense / top-k)
+    sequence_advantages: Tensor | None = None,  # [B] added to every token of a row (the outcome reward's)
 ) -> tuple[Tensor, dict[str, float], Tensor]:
-    """`opd_loss` on already-validated arguments: (loss, metrics, advantages [B, T])."""
+    """`opd_loss` on already-validated arguments: (loss, metrics, advantages [B, T]).
+
+    With `divergences` (the dense and top-k estimators) each position's divergence is differentiated directly
+    and later positions' divergences are the rewards of the policy-gradient term:
+    loss_t = D_t - A_t log p_theta(y_t), A_t = sum_{t' > t} gamma^k (-D_t')."""
     # The policy the advantage is evaluated at: always the current one for opd+ (exact off-policy weight).
     off_policy = behavior_logprobs is not None
     advantage_policy = behavior_logprobs if off_policy and estimator == "opd" else logprobs
     with torch.no_grad():
         log_ratio = log_ratios(advantage_policy, teacher_logprobs, mask, log_ratio_clip)  # [B, T]
-        advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma, center)  # [B, T]
+        if divergences is not None:
+            advantages = discounted_future_sum(-divergences.detach(), mask, gamma)  # [B, T]
+        else:
+            advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma, center)  # [B, T]
+        distillation_advantages = advantages
+        if sequence_advantages is not None:
+            advantages = torch.where(mask, advantages + sequence_advantages[:, None].to(advantages.dtype), 0.0)
 
     safe_logprobs = torch.where(mask, logprobs, 0.0)
     if off_policy:
@@ -131,6 +144,8 @@ def policy_gradient_loss(
         ppo_clipped = torch.zeros_like(mask)
     if sample_weights is not None:
         per_token_loss = per_token_loss * sample_weights
+    if divergences is not None:  # the direct term: no token is sampled at s_t, so no sampler weight either
+        per_token_loss = per_token_loss + torch.where(mask, divergences, 0.0)
     per_token_loss = torch.where(mask, per_token_loss, 0.0)
 
     tokens_per_sequence = mask.sum(-1)
@@ -147,6 +162,15 @@ def policy_gradient_loss(
 
     metrics = _metrics(loss, logprobs, teacher_logprobs, mask, log_ratio, advantages, ppo_clipped, divergence,
                        log_ratio_clip)
+    with torch.no_grad():
+        count = mask.sum().clamp(min=1)
+        if divergences is not None:  # the exact per-position divergence instead of the one-sample estimate
+            metrics["divergence"] = float(torch.where(mask, divergences.detach().double(), 0.0).sum() / count)
+        if sequence_advantages is not None:
+            distillation = float(torch.where(mask, distillation_advantages.abs().double(), 0.0).sum() / count)
+            reward = float(torch.where(mask, sequence_advantages[:, None].abs().double(), 0.0).sum() / count)
+            metrics["reward_advantage_abs_mean"] = reward
+            metrics["distillation_share"] = distillation / (distillation + reward) if distillation + reward else 1.0
     return loss, metrics, advantages
 
 

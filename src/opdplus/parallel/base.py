@@ -8,7 +8,7 @@ import math
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from opdplus.logprobs import token_logprobs
+from opdplus.logprobs import head_logprobs_and_per_position, predicting_states, token_logprobs
 
 
 def world() -> tuple[int, int]:
@@ -37,9 +37,18 @@ class PolicyScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
-        # a copy, not token_logprobs' view: FSDP hooks the output for the backward pass, which a view may lose
-        return token_logprobs(self.model, input_ids, attention_mask, start=start).clone()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                per_position=None) -> torch.Tensor:
+        """[N, T] log-probs of input_ids[:, start:]; with `per_position` [N, T, 2], a number per position from the
+        whole next-token distribution beside them (`head_logprobs_and_per_position`)."""
+        if per_position is None:
+            # a copy, not token_logprobs' view: FSDP hooks the output for the backward pass, which a view may lose
+            return token_logprobs(self.model, input_ids, attention_mask, start=start).clone()
+        hidden = predicting_states(self.model, input_ids, attention_mask, start=start)
+        if hidden is None:
+            raise ValueError("the dense and top-k estimators need a model with a separate decoder body and LM head "
+                             f"(get_decoder/get_output_embeddings); {type(self.model).__name__} has none")
+        return head_logprobs_and_per_position(self.model, hidden, input_ids[:, start:], per_position)
 
 
 class SingleProcess:
@@ -70,9 +79,11 @@ class SingleProcess:
         """Sum (or max) over processes, e.g. the step's token count."""
         return all_reduce(value, op)
 
-    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
-        """[N, L - start] log-probs of input_ids[:, start:], with gradient."""
-        return self.policy(input_ids, attention_mask, start)
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                 per_position=None) -> torch.Tensor:
+        """[N, L - start] log-probs of input_ids[:, start:], with gradient; [N, L - start, 2] with `per_position`
+        (see PolicyScorer)."""
+        return self.policy(input_ids, attention_mask, start, per_position)
 
     @contextlib.contextmanager
     def training(self, gradient_checkpointing: bool):

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +28,7 @@ class DeepSpeedZeRO(DataParallel):
     passes_are_collectives = True
 
     def __init__(self, stage: int):
+        warn_stale_extension_locks()
         super().__init__()
         self.stage = stage
 
@@ -148,3 +153,32 @@ def deepspeed_config(max_grad_norm: float | None, stage: int) -> dict:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+STALE_LOCK_SECONDS = 600
+
+
+def warn_stale_extension_locks(older_than: float = STALE_LOCK_SECONDS) -> list[Path]:
+    """Print one line per old torch-extension build lock, and return them; never delete one.
+
+    DeepSpeed compiles a small op on CPU under a file lock that torch waits on forever: a lock left by a killed
+    run makes every later ZeRO start hang without a word. A lock younger than `older_than` may be a build running
+    now, so it is left unmentioned."""
+    custom = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if custom:
+        locks = Path(custom).glob("*/lock")
+    else:  # torch's default: <user cache>/torch_extensions/py<XY>_<cpu|cuXYZ>/<op>/lock
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        locks = (cache / "torch_extensions").glob("*/*/lock")
+    stale = []
+    for lock in locks:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:  # removed meanwhile: a build just finished
+            continue
+        if age > older_than:
+            stale.append(lock)
+            print(f"opdplus: {lock} is {age / 60:.0f} minutes old; if no build is running, a killed run left it "
+                  "and DeepSpeed will wait on it forever: remove it (docs/troubleshooting.md)",
+                  file=sys.stderr, flush=True)
+    return stale

@@ -28,7 +28,8 @@ class RolloutEngine(Protocol):
 
 
 def make_engine(name: str, model, tokenizer, task=None, *, greedy: bool = False, temperature: float = 1.0,
-                top_k: int | None = 0, top_p: float = 1.0, **options) -> RolloutEngine:
+                top_k: int | None = 0, top_p: float = 1.0, gpu_memory_utilization: float | None = None,
+                **options) -> RolloutEngine:
     """The engine for `task` (its `toolbox` and `max_turns`; None: single-turn rollouts).
 
     "hf" -> HFEngine(model, tokenizer, ...) with these sampling settings (`greedy` for evaluation; anything
@@ -36,6 +37,8 @@ def make_engine(name: str, model, tokenizer, task=None, *, greedy: bool = False,
     "vllm" -> VLLMEngine on the student's directory (`model_dir`, default the directory the model was loaded
     from), in the model's dtype, with the model's current weights (a LoRA model's merged ones); it always samples
     on-policy, so sampling settings other than the defaults are refused; `options` go to VLLMEngine.
+    `gpu_memory_utilization` caps the vLLM engine's share of a CUDA device, which it shares with the trainer;
+    it is not passed for a CPU model, whose cache vLLM sizes from VLLM_CPU_KVCACHE_SPACE instead.
     """
     toolbox, max_turns = (task.toolbox, task.max_turns) if task is not None else (None, 1)
     if name == "hf":
@@ -54,6 +57,8 @@ def make_engine(name: str, model, tokenizer, task=None, *, greedy: bool = False,
             raise ValueError("the vllm backend needs the student's directory: pass model_dir=...")
         options.setdefault("eos_token_ids", eos_token_ids(model, tokenizer))
         options.setdefault("dtype", str(model.dtype).removeprefix("torch."))  # the trainer's precision
+        if gpu_memory_utilization is not None and model.device.type == "cuda":
+            options.setdefault("gpu_memory_utilization", gpu_memory_utilization)
         engine = VLLMEngine(model_dir, tokenizer, **options)
         engine.sync_weights(model)  # the directory may hold older weights than the model (e.g. after a resume)
         return engine

@@ -45,7 +45,7 @@ class VLLMEngine:
 
     The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `sync_weights` hands its workers
     the student's tensors without serialising them. On a GPU shared with training, pass e.g.
-    `gpu_memory_utilization=0.3` in `llm_options`.
+    `gpu_memory_utilization=0.3` in `llm_options` (the trainer passes `--vllm-gpu-memory-utilization`).
     """
 
     def __init__(self, model_dir: str, tokenizer, *, eos_token_ids: list[int] | None = None,

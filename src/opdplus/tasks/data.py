@@ -12,16 +12,19 @@ import json
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # `owner/name`, optionally `:config` and `@split`, e.g. `openai/gsm8k:main@test`.
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?(@[\w.-]+)?$")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape half a UTF-16 pair; no tokenizer can encode it
 
 
-def load_records(path: str, *, fields: Sequence[str]) -> list[dict]:
-    """Records (dicts) from `path`, each checked to hold every name in `fields`."""
+def load_records(path: str, *, fields: Sequence[str], check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """Records (dicts) from `path`, each checked to hold every name in `fields`, to hold only encodable text, and
+    by `check` (which returns what is wrong with a record, or None), so that a bad record fails here, as
+    `FILE:LINE: ...`, before a run writes anything."""
     path = os.fspath(path)
     if os.path.exists(path):
         if path.endswith(".parquet"):
@@ -40,7 +43,43 @@ def load_records(path: str, *, fields: Sequence[str]) -> list[dict]:
         for name in fields:
             if name not in record:
                 raise ValueError(f"{where(path, index)}: missing field {name!r}")
+        problem = _lone_surrogate(record) or (check(record) if check else None)
+        if problem:
+            raise ValueError(f"{where(path, index)}: {problem}")
     return records
+
+
+def text_field_problem(record: dict, name: str) -> str | None:
+    """What is wrong with a field that must hold text: a non-empty string or a number (not a boolean)."""
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (isinstance(value, str)
+                                                                               and not value.strip()):
+        return f"field {name!r} must be a non-empty string or number"
+    return None
+
+
+def _lone_surrogate(record: dict) -> str | None:
+    """The field holding a lone surrogate (`"\\ud800"` in JSON), which Python reads but no tokenizer encodes."""
+    for name, value in record.items():
+        if _holds_surrogate(name) or _holds_surrogate(value):
+            return (f"field {str(name).encode('utf-8', 'backslashreplace').decode()!r} holds a lone surrogate "
+                    "escape (\\ud800-\\udfff), which is not text: fix or drop the record")
+    return None
+
+
+def _holds_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:  # iterative: a deeply nested record must not overflow the stack
+        item = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def sample_cycled(items: Sequence[Any], n: int, seed: str) -> list[Any]:

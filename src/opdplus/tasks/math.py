@@ -26,7 +26,7 @@ import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from opdplus.tasks.base import SPLITS, Example
-from opdplus.tasks.data import load_records, sample_cycled
+from opdplus.tasks.data import load_records, sample_cycled, text_field_problem
 
 GSM8K_SUFFIX = "\nSolve step by step, then give the final answer after ####."
 TIMEOUT_SECONDS = 3  # per parse / verify call; signal-based, so main thread only
@@ -205,7 +205,10 @@ class MathTask:
         if self.paths[split] is None:
             raise ValueError(f"MathTask has no {split} data: pass {split}_path=")
         if split not in self._examples:
-            records = load_records(self.paths[split], fields=[self.question_field, self.answer_field])
+            fields = [self.question_field, self.answer_field]
+            # null, a list or "" would otherwise be trained on as the text "None", "[]" or nothing
+            records = load_records(self.paths[split], fields=fields, check=lambda record: next(
+                filter(None, (text_field_problem(record, name) for name in fields)), None))
             self._examples[split] = [self._example(record) for record in records]
         return self._examples[split]
 

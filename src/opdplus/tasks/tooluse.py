@@ -21,15 +21,31 @@ from opdplus.tasks.base import SPLITS, Example
 from opdplus.tasks.data import load_records, sample_cycled
 from opdplus.tools.parsing import parse_calls
 
-IGNORED_IN_STRINGS = re.compile(r"[\s,./\-_*^]")  # BFCL-style: "New York, NY" == "new york ny"
+# BFCL: "New York, NY" == "new york ny"; only the space, not newline, tab or NBSP, is ignored.
+IGNORED_IN_STRINGS = re.compile(r"[ ,./\-_*^]")
 
 
 # ---- checking calls against the ground truth ----------------------------------------
 
 
 def check_calls(completion: str, functions: list[dict], ground_truth: list[dict]) -> bool:
-    """BFCL AST-checker verdict: the same number of calls, matched one-to-one in any order."""
-    calls = parse_calls(completion)
+    """BFCL AST-checker verdict: the same number of calls, matched one-to-one in any order.
+
+    BFCL's rules, followed here: strings compare without case, spaces and `,./-_*^`,
+    with ' as " (a newline, tab or NBSP still counts); that loose comparison applies to a
+    string parameter, to the items of an array and to the values of a dict (also a dict
+    inside an array); strings deeper down (a list inside a dict value) must match exactly.
+    An int stands for a float parameter, but not for a float inside an array. A Python
+    tuple is accepted only where the schema says "tuple". Where the ground truth
+    disagrees with the schema's type, the ground truth's type wins.
+
+    Deliberate differences from BFCL: an optional array parameter (`""` among its
+    allowed values) given as `[]` is wrong unless the ground truth lists `[]` itself:
+    BFCL turns the `""` into `[]` by accident and so accepts it; leaving it out is
+    the way to omit it. And the calls of a parallel answer match in any order by a
+    true one-to-one matching, where BFCL's greedy matching rejects some orders.
+    """
+    calls = parse_calls(completion, keep_tuples=True)
     if calls is None or len(calls) != len(ground_truth):
         return False
     schemas = {function["name"]: function for function in functions}
@@ -70,6 +86,8 @@ def _call_matches(call: dict, name: str, spec: dict, schema: dict | None) -> boo
         if param not in properties or param not in spec:
             return False
         allowed = _alternatives(spec[param])
+        if isinstance(value, tuple) and "tuple" in _alternatives(properties[param].get("type")):
+            value = list(value)  # BFCL: a tuple only for a tuple parameter (elsewhere it matches nothing)
         if not _type_ok(value, properties[param], allowed):
             return False
         # "" means "may be omitted", so it is not a value a call can match.
@@ -90,14 +108,15 @@ def _type_ok(value: Any, schema: dict, allowed: list) -> bool:
     return any(type(value) is type(option) and not _conforms(option, schema) for option in allowed if option != "")
 
 
-def _conforms(value: Any, schema: dict) -> bool:
+def _conforms(value: Any, schema: dict, in_array: bool = False) -> bool:
     kind = schema.get("type", "any")
     if isinstance(kind, list):  # JSON Schema unions such as ["string", "null"]
-        return any(_conforms(value, {**schema, "type": k}) for k in kind)
+        return any(_conforms(value, {**schema, "type": k}, in_array) for k in kind)
     if kind == "integer":
         return type(value) is int  # bool is an int subclass but not an integer here
     if kind in ("float", "number"):
-        return type(value) in (int, float)  # an int is accepted for a float
+        # BFCL: an int stands for a float parameter, not for a float inside an array
+        return type(value) is float or (type(value) is int and not in_array)
     if kind == "string":
         return isinstance(value, str)
     if kind == "boolean":
@@ -106,26 +125,40 @@ def _conforms(value: Any, schema: dict) -> bool:
         return value is None
     if kind in ("array", "tuple", "list"):
         items = schema.get("items")
-        return isinstance(value, list) and (not isinstance(items, dict) or all(_conforms(v, items) for v in value))
+        return isinstance(value, list) and (
+            not isinstance(items, dict) or all(_conforms(v, items, in_array=True) for v in value)
+        )
     if kind in ("dict", "object"):
         return isinstance(value, dict)
     return True  # "any", and types we do not know
 
 
-def _value_matches(value: Any, option: Any) -> bool:
-    """Whether a model value equals one allowed value (dicts there are nested specs)."""
+def _value_matches(value: Any, option: Any, exact: bool = False) -> bool:
+    """Whether a model value equals one allowed value (dicts there are nested specs).
+
+    As in BFCL, strings compare loosely (_standardize) as a parameter, an array item or
+    a dict value; `exact` (inside a list within a dict, or a list within a list) they
+    must be equal.
+    """
     if isinstance(option, dict):
         if not isinstance(value, dict):
             return False
         for key, item in value.items():
             if key not in option:
                 return False
-            if not any(_value_matches(item, o) for o in _alternatives(option[key]) if o != ""):
+            alternatives = [o for o in _alternatives(option[key]) if o != ""]
+            if not any(_value_matches(item, o, exact or isinstance(o, (list, dict))) for o in alternatives):
                 return False
         return all(key in value or "" in _alternatives(options) for key, options in option.items())
     if isinstance(option, list):
-        return isinstance(value, list) and len(value) == len(option) and all(map(_value_matches, value, option))
+        return (
+            isinstance(value, list)
+            and len(value) == len(option)
+            and all(_value_matches(v, o, exact or isinstance(o, list)) for v, o in zip(value, option))
+        )
     if isinstance(option, str):
+        if exact:
+            return value == option
         return isinstance(value, str) and _standardize(value) == _standardize(option)
     if isinstance(option, bool) or isinstance(value, bool):
         return type(value) is type(option) and value == option
@@ -135,7 +168,7 @@ def _value_matches(value: Any, option: Any) -> bool:
 
 
 def _standardize(text: str) -> str:
-    """Case, whitespace and light punctuation do not matter, nor ' versus "."""
+    """Case, spaces and light punctuation do not matter, nor ' versus " (BFCL's standardize_string)."""
     return IGNORED_IN_STRINGS.sub("", text).lower().replace("'", '"')
 
 
@@ -245,18 +278,75 @@ def _as_list(paths: Paths) -> list[str]:
 
 
 def _load_examples(path: str, answers_path: str | None, teacher_field: str = "teacher") -> list[Example]:
-    questions = load_records(path, fields=["id", "question", "function"])
+    def check(record: dict) -> str | None:  # ground truth inside the questions file is checked there, by line
+        embedded = answers_path is None and "ground_truth" in record
+        return _question_problem(record) or (_answer_problem(record) if embedded else None)
+
+    questions = load_records(path, fields=["id", "question", "function"], check=check)
     if answers_path is None and all("ground_truth" in record for record in questions):
         answers = {record["id"]: record["ground_truth"] for record in questions}
     else:
         answers_path = answers_path or _find_answers_path(path)
-        answers = {r["id"]: r["ground_truth"] for r in load_records(answers_path, fields=["id", "ground_truth"])}
+        answers = {r["id"]: r["ground_truth"]
+                   for r in load_records(answers_path, fields=["id", "ground_truth"], check=_answer_problem)}
     examples = []
     for record in questions:
         if record["id"] not in answers:
             raise ValueError(f"{answers_path}: no ground truth for id {record['id']!r}")
         examples.append(_example(record, answers[record["id"]], record.get(teacher_field)))
     return examples
+
+
+QUESTION_SHAPE = ("field 'question' must be a string or a list of turns, the first a non-empty list of "
+                  "{\"role\": ..., \"content\": ...} messages with string values")
+FUNCTION_SHAPE = ("field 'function' must be a list of JSON schemas, each an object with a string \"name\" and "
+                  "\"parameters\" an object (its \"properties\" an object, its \"required\" a list)")
+GROUND_TRUTH_SHAPE = ("field 'ground_truth' must be a list of calls, each an object {function_name: {parameter: "
+                      "[allowed values]}} with exactly one key")
+
+
+def _question_problem(record: dict) -> str | None:
+    """What is wrong with a question record's shape (BFCL: `question` [[messages]], `function` [schemas]), so that
+    it fails at loading with its line rather than as an IndexError or AttributeError in the middle of a run."""
+    if _id_problem(record):
+        return _id_problem(record)
+    question = record["question"]
+    if not isinstance(question, str):
+        turn = question[0] if isinstance(question, list) and question else None
+        if not (isinstance(turn, list) and turn and all(
+                isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str) for message in turn)):
+            return QUESTION_SHAPE
+    functions = record["function"]
+    if not isinstance(functions, list) or not all(_is_schema(function) for function in functions):
+        return FUNCTION_SHAPE
+    return None
+
+
+def _is_schema(function) -> bool:
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        return False
+    parameters = function.get("parameters", {})
+    return parameters is None or (isinstance(parameters, dict)
+                                  and isinstance(parameters.get("properties") or {}, dict)
+                                  and isinstance(parameters.get("required") or [], list))
+
+
+def _answer_problem(record: dict) -> str | None:
+    """What is wrong with an answer record's `ground_truth` (the checker reads it as trusted data)."""
+    ground_truth = record["ground_truth"]
+    if not isinstance(ground_truth, list) or not all(
+            isinstance(call, dict) and len(call) == 1 and isinstance(next(iter(call)), str)
+            and isinstance(next(iter(call.values())), dict) for call in ground_truth):
+        return GROUND_TRUTH_SHAPE
+    return _id_problem(record)
+
+
+def _id_problem(record: dict) -> str | None:
+    record_id = record["id"]
+    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+        return "field 'id' must be a string or an integer"
+    return None
 
 
 def _find_answers_path(path: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from opdplus.config import check_teacher_options
 from opdplus.teachers.base import Teacher, TeacherUnavailableError, TokenRows
 from opdplus.teachers.local import LocalTeacher
 from opdplus.teachers.sequences import score_sequences
@@ -31,13 +32,12 @@ def get_teacher(spec: str, **options) -> Teacher:
     Served options: model, timeout, max_retries, backoff, concurrency, batch_size, temperature (1 only).
     Local options: device, dtype (torch dtype or name, default float32), batch_size, temperature.
     """
+    check_teacher_options(f"teacher {spec!r}", spec, options)  # one line naming the option, not a TypeError
     if spec.startswith(("http://", "https://")):
         api = options.pop("api", "vllm")
         if api not in SERVED_APIS:
             raise ValueError(f"unknown teacher api {api!r}; choose from {sorted(SERVED_APIS)}")
         return SERVED_APIS[api](spec, **options)
-    if "api" in options:
-        raise ValueError(f"api={options['api']!r} is for served teachers (http://...), not {spec!r}")
     dtype = options.pop("dtype", torch.float32)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

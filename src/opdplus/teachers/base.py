@@ -40,6 +40,12 @@ class Teacher(Protocol):
         token of each response (in a multi-turn rollout the tool results too), 0 after each row's end."""
         ...
 
+    def distribution(self, rollouts: TokenRows, top_k: int | None = None) -> tuple[torch.Tensor, object]:
+        """(`score(rollouts)`, the teacher's next-token distribution at every response position): its `top_k`
+        most likely tokens (`TopKDistribution`, every teacher), or with top_k None the whole vocabulary
+        (`DenseDistribution`; a local teacher only, the others raise a one-line ValueError)."""
+        ...
+
     def check_tokenizer(self, tokenizer) -> None:
         """Raise ValueError ("tokenizer mismatch between student and teacher: ...") unless ids mean the same."""
         ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -17,9 +18,80 @@ import urllib.request
 from opdplus.teachers.base import TeacherUnavailableError
 
 
+ERROR_DETAIL_BYTES = 4096  # of an HTTP error's body, for its message
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _Deadline:
+    """Ends one request `seconds` after it began, whatever the server does.
+
+    A server that trickles its status line, headers or body a byte at a time never lets a single socket
+    read time out; at the deadline the request's sockets are shut down, which wakes the blocked read.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._connections: list[http.client.HTTPConnection] = []
+        self._sockets: list[socket.socket] = []
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="opdplus-http-deadline", daemon=True).start()
+
+    def watched(self, connection_class: type) -> type:
+        """`connection_class` whose sockets this deadline may shut down (kept after urllib lets go of them)."""
+        deadline = self
+
+        class Watched(connection_class):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                deadline._connections.append(self)  # its `sock` during connect and the TLS handshake
+
+            def connect(self):
+                try:
+                    super().connect()
+                finally:
+                    if self.sock is not None:
+                        deadline._sockets.append(self.sock)  # read from until the body ends
+
+        return Watched
+
+    def _watch(self):
+        if self._done.wait(self.seconds):
+            return
+        self.expired = True
+        while not self._done.is_set():  # again until the request gives up: a socket may still be connecting
+            for sock in [connection.sock for connection in list(self._connections)] + list(self._sockets):
+                try:
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._done.wait(0.05)
+
+    def close(self):
+        self._done.set()
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, request):
+        return self.do_open(self.deadline.watched(http.client.HTTPConnection), request)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, request):
+        return self.do_open(self.deadline.watched(http.client.HTTPSConnection), request, context=self._context)
 
 
 class JsonClient:
@@ -36,15 +108,28 @@ class JsonClient:
         return self._request("POST", path, payload)
 
     def _fetch(self, request: urllib.request.Request) -> bytes:
-        """The response body, within `timeout` seconds in all: a server that trickles its answer a byte at a
-        time never lets a single socket read time out, so the deadline is checked between reads."""
-        deadline = time.monotonic() + self.timeout
+        """The response body, within `timeout` seconds in all (connect, status line, headers and body)."""
+        deadline = _Deadline(self.timeout)
+        opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline))
         chunks = []
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            while chunk := response.read1(1 << 16):
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"timed out: no complete answer within {self.timeout:g} s")
+        try:
+            with opener.open(request, timeout=self.timeout) as response:
+                while chunk := response.read1(1 << 16):
+                    chunks.append(chunk)
+        except urllib.error.HTTPError as error:
+            try:  # an error's body may trickle too: read the start of it while the deadline holds
+                error.detail = error.read(ERROR_DETAIL_BYTES)
+            except (OSError, http.client.HTTPException):
+                error.detail = b""
+            if not deadline.expired:
+                raise
+        except (OSError, http.client.HTTPException):
+            if not deadline.expired:
+                raise
+        finally:
+            deadline.close()
+        if deadline.expired:  # a cut-off read may look like a short answer or a reset
+            raise TimeoutError(f"timed out: no complete answer within {self.timeout:g} s")
         return b"".join(chunks)
 
     def _request(self, method: str, path: str, payload: dict | None):
@@ -59,7 +144,7 @@ class JsonClient:
             try:
                 body = self._fetch(request)
             except urllib.error.HTTPError as error:
-                detail = _one_line(error.read().decode("utf-8", "replace"))
+                detail = _one_line(vars(error).get("detail", b"").decode("utf-8", "replace"))
                 if error.code < 500:
                     raise ValueError(f"{method} {url} was refused with HTTP {error.code}: {detail}") from None
                 problem = f"HTTP {error.code}: {detail}"

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import torch
 
-from opdplus.logprobs import shared_prompt_logprobs, token_logprobs
+from opdplus.logprobs import (head_logits, head_logprobs, predicting_states, shared_prompt_logprobs,
+                              shared_prompt_states, token_logprobs)
+from opdplus.teachers.distribution import DenseDistribution, TopKDistribution
 from opdplus.models import load_model_and_tokenizer
 from opdplus.teachers.vocab import check_same_vocabulary
 
@@ -129,6 +131,56 @@ class LocalTeacher:
         window = (prompt_lengths - start)[:, None] + steps  # row b's response starts at its prompt's end
         picked = scores.gather(1, window.clamp(max=scores.shape[1] - 1))  # [B, T_b]
         return picked.masked_fill(steps >= response_lengths[:, None], 0.0)
+
+    @torch.no_grad()
+    def distribution(self, rollouts, top_k: int | None = None) -> tuple[torch.Tensor, DenseDistribution | TopKDistribution]:
+        """(log-probs [N, T] of the response tokens as `score` gives them, up to float rounding; the teacher's
+        whole next-token distribution at every response position, or its `top_k` tokens)."""
+        prompt_length, device = rollouts.prompt_length, rollouts.input_ids.device
+        attention_mask = rollouts.attention_mask.to(self.device).long()  # [N, P + T]
+        input_ids = rollouts.input_ids.to(self.device).masked_fill(attention_mask == 0, self.pad_id)  # [N, P + T]
+        prompt_lengths = attention_mask[:, :prompt_length].sum(1)  # [N]
+        response_lengths = attention_mask[:, prompt_length:].sum(1)  # [N]
+        if (prompt_lengths == 0).any():
+            raise ValueError(f"sequence {int((prompt_lengths == 0).nonzero()[0, 0])}: an empty prompt")
+        states = None  # [N, T, H], zeros after each row's end
+        for begin in range(0, len(input_ids), self.batch_size):
+            rows = torch.arange(begin, min(begin + self.batch_size, len(input_ids)), device=self.device)
+            batch = self._states_batch(input_ids[rows], attention_mask[rows], prompt_length, prompt_lengths[rows],
+                                       response_lengths[rows])  # [B, T_b, H]
+            if states is None:
+                states = batch.new_zeros(len(input_ids), input_ids.shape[1] - prompt_length, batch.shape[-1])
+            states[rows, : batch.shape[1]] = batch
+        dense = DenseDistribution(states, head_logits(self._scorer))
+        scores = head_logprobs(self._scorer, states, input_ids[:, prompt_length:], logits_of=dense.logits_of)
+        scores = scores.float().masked_fill(attention_mask[:, prompt_length:] == 0, 0.0).to(device)
+        return scores, (dense if top_k is None else dense.top_k(top_k))
+
+    def _states_batch(self, input_ids, attention_mask, prompt_length, prompt_lengths, response_lengths):
+        """[B, T_b, H]: the states that predict each response token (padding positions hold junk)."""
+        width = max(1, int(response_lengths.max()))
+        first_rows, prompt_index = distinct_prompts(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
+        if len(first_rows) < len(input_ids):
+            prompt_columns = slice(prompt_length - int(prompt_lengths.max()), prompt_length)
+            response_columns = slice(prompt_length, prompt_length + width)
+            states = shared_prompt_states(self._scorer, input_ids[first_rows, prompt_columns],
+                                          attention_mask[first_rows, prompt_columns], prompt_index,
+                                          input_ids[:, response_columns], attention_mask[:, response_columns])
+            if states is not None:
+                return states
+        lengths = prompt_lengths + response_lengths  # [B]
+        columns = torch.arange(int(lengths.max()) + 1, device=input_ids.device)  # [L], one spare for empty rows
+        real = columns < lengths[:, None]  # [B, L]
+        source = (prompt_length - prompt_lengths)[:, None] + columns
+        rows = input_ids.gather(1, source.clamp(max=input_ids.shape[1] - 1)).masked_fill(~real, self.pad_id)
+        start = int(prompt_lengths.min())
+        states = predicting_states(self._scorer, rows, real.long(), start=start, share_prompts=False)
+        if states is None:
+            raise ValueError(f"teacher {self.name}: the dense and top-k estimators need a model with a separate "
+                             "decoder body and LM head")
+        window = (prompt_lengths - start)[:, None] + torch.arange(width, device=input_ids.device)  # [B, T_b]
+        index = window.clamp(max=states.shape[1] - 1)[..., None].expand(-1, -1, states.shape[-1])
+        return states.gather(1, index)
 
     def check_tokenizer(self, tokenizer) -> None:
         check_same_vocabulary(tokenizer, self.tokenizer)

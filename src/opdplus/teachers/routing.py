@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from opdplus.teachers.base import Teacher, TokenRows
-from opdplus.teachers.served import map_concurrently
+from opdplus.teachers.concurrency import map_concurrently
+from opdplus.teachers.distribution import TopKDistribution
 
 DEFAULT = "default"
 
@@ -53,6 +54,34 @@ class TeacherRouter:
         for name, rows in groups.items():
             scores[torch.tensor(rows, device=input_ids.device)] = group_scores[name]
         return scores
+
+    def distribution(self, rollouts, routes: list[str | None], top_k: int | None):
+        """(scores [N, T] as `score` gives them, each row's teacher distribution at every response position: the
+        whole one (top_k None, one local teacher) or its top_k tokens (any teachers))."""
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(routes):
+            groups.setdefault(name or DEFAULT, []).append(row)
+        if len(groups) == 1:
+            return self.teachers[next(iter(groups))].distribution(rollouts, top_k)
+        if top_k is None:
+            raise ValueError("--estimator dense with several teachers is not supported (their heads differ); "
+                             "use --estimator topk:K")
+
+        def group_distribution(name: str):
+            return self.teachers[name].distribution(TokenRows.select(rollouts, groups[name]), top_k)
+
+        parts = dict(zip(groups, map_concurrently(group_distribution, list(groups), len(groups))))
+        device, rows = rollouts.input_ids.device, rollouts.input_ids.shape[0]
+        width = rollouts.input_ids.shape[1] - rollouts.prompt_length
+        scores = torch.zeros(rows, width, dtype=torch.float32, device=device)  # [N, T]
+        token_ids = torch.zeros(rows, width, top_k, dtype=torch.long, device=device)  # [N, T, K]
+        logprobs = torch.zeros(rows, width, top_k, dtype=torch.float32, device=device)  # [N, T, K]
+        for name, members in groups.items():
+            index = torch.tensor(members, device=device)
+            group_scores, top = parts[name]
+            scores[index], token_ids[index], logprobs[index] = group_scores, top.token_ids.to(device), \
+                top.logprobs.float().to(device)
+        return scores, TopKDistribution(token_ids, logprobs)
 
     def close(self) -> None:
         for teacher in self.teachers.values():

@@ -21,17 +21,20 @@ CODE_FENCE = re.compile(r"^```[\w-]*[ \t]*\n?(.*?)\n?```$", re.DOTALL)
 JSON_NAMES = {"true": True, "false": False, "null": None}  # JSON literals written in a Python call
 
 
-def parse_calls(completion: str) -> list[dict] | None:
-    """Model output -> [{"name": str, "arguments": dict}, ...], or None if it is not a call list."""
+def parse_calls(completion: str, keep_tuples: bool = False) -> list[dict] | None:
+    """Model output -> [{"name": str, "arguments": dict}, ...], or None if it is not a call list.
+
+    keep_tuples: Python tuples in arguments stay tuples (BFCL grading tells them from lists).
+    """
     try:
         if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
             return None
-        return _parse(completion.strip())
+        return _parse(completion.strip(), keep_tuples)
     except Exception:  # hostile text: RecursionError, MemoryError, ValueError from huge ints...
         return None
 
 
-def _parse(text: str) -> list[dict] | None:
+def _parse(text: str, keep_tuples: bool = False) -> list[dict] | None:
     if "<tool_call>" in text:
         calls = []
         for block in TOOL_CALL_BLOCK.findall(text):
@@ -44,7 +47,7 @@ def _parse(text: str) -> list[dict] | None:
     if fence:
         text = fence.group(1).strip()
     calls = _parse_json_calls(text)
-    return calls if calls is not None else _parse_python_calls(text)
+    return calls if calls is not None else _parse_python_calls(text, keep_tuples)
 
 
 def _reject_constant(token: str):
@@ -78,7 +81,7 @@ def _call_from_json(item: Any) -> dict | None:
     return {"name": name, "arguments": arguments}
 
 
-def _parse_python_calls(text: str) -> list[dict] | None:
+def _parse_python_calls(text: str, keep_tuples: bool = False) -> list[dict] | None:
     try:
         with warnings.catch_warnings():  # "invalid escape sequence" in model text is not our concern
             warnings.simplefilter("ignore")
@@ -94,7 +97,7 @@ def _parse_python_calls(text: str) -> list[dict] | None:
         if name is None or any(keyword.arg is None for keyword in node.keywords):  # **kwargs
             return None
         try:
-            arguments = {keyword.arg: _literal(keyword.value) for keyword in node.keywords}
+            arguments = {keyword.arg: _literal(keyword.value, keep_tuples) for keyword in node.keywords}
         except ValueError:
             return None
         calls.append({"name": name, "arguments": arguments})
@@ -110,19 +113,20 @@ def _dotted_name(node: ast.expr) -> str | None:
     return None
 
 
-def _literal(node: ast.expr) -> Any:
-    """A JSON-like value from a literal node; tuples become lists. ValueError for anything else."""
+def _literal(node: ast.expr, keep_tuples: bool = False) -> Any:
+    """A JSON-like value from a literal node; tuples become lists unless keep_tuples. ValueError for anything else."""
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
         return node.value
     if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(element) for element in node.elts]
+        elements = [_literal(element, keep_tuples) for element in node.elts]
+        return tuple(elements) if keep_tuples and isinstance(node, ast.Tuple) else elements
     if isinstance(node, ast.Dict) and None not in node.keys:  # a None key is a `**spread`
-        keys = [_literal(key) for key in node.keys]
+        keys = [_literal(key, keep_tuples) for key in node.keys]
         if not all(isinstance(key, (str, int, float, bool)) for key in keys):
             raise ValueError("unhashable dict key")
-        return dict(zip(keys, (_literal(value) for value in node.values)))
+        return dict(zip(keys, (_literal(value, keep_tuples) for value in node.values)))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _literal(node.operand)
+        operand = _literal(node.operand, keep_tuples)
         if isinstance(operand, (int, float)) and not isinstance(operand, bool):
             return -operand if isinstance(node.op, ast.USub) else operand
     if isinstance(node, ast.Name) and node.id in JSON_NAMES:
