@@ -1,0 +1,170 @@
+"""Span-level OPD / OPD+ advantages for a teacher with another tokenizer (issue 17; not wired into the trainer).
+
+The student samples tokens y; its text is split into spans k = 1..K at the character positions where both the
+student's tokens and the teacher's tokenization of the same text have a boundary (`opdplus.teachers.spans.align`).
+With p_k = prod of the student's probs of its tokens in span k and q_k = prod of the teacher's probs of its own
+tokens of span k (given its tokens of everything before), u_k = q_k / p_k = exp(l_k). The objective
+
+    J(theta) = E_y[ sum_k f(u_k) ]
+
+has the exact gradient (REINFORCE on the sum plus the direct term through p_k; grad log p(y) = sum_k grad log p_k)
+
+    -grad J = E_y[ sum_k A_k grad log p_k ],     A_k = w_f(u_k) - sum_{k' != k} f(u_k'),   w_f = -f + u f'
+
+so every student token of span k gets A_k (credit "all"). Credit "future" keeps only k' > k (the token-level
+causal form, `token_advantages(gamma=1)` when every span is one token). Dropping k' < k is unbiased only when span
+boundaries are stopping times of the student's sampling and the teacher's tokenization of earlier text does not
+depend on later text; BPE merges violate both (whether "a" ends a span depends on whether "b" follows, and "ab"
+may be [ab] alone but [a][bc] in "abc"), so "future" can be biased; "all" is exact for any alignment.
+Estimator "opd" replaces w_f by the stop-gradient reward -f (exact only for rkl, as at token level).
+
+Layout: the teacher's side is given per span, `teacher_span_logprobs [N, K]` = log q_k (sum of the teacher's
+token log-probs of span k, e.g. `sum_by_span(teacher_token_logprobs, teacher_span_ids, teacher_mask, K)`);
+`span_ids [N, T]` maps each student token to its span (in text order, 0..K-1; any value at masked positions).
+Per-span tensors avoid putting a span's value "at one of its tokens", which is impossible for a span with no
+student token (e.g. trailing zero-width teacher tokens, whose f(u) still counts in J): pass `span_mask`.
+Pure tensors, no models or tokenizers; everything returned is detached.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from opdplus.objective.advantages import check_estimator, check_log_ratio_clip, check_token_inputs
+from opdplus.objective.divergences import Divergence, get_divergence
+
+CREDITS = ("all", "future")
+
+
+def check_credit(credit: str) -> str:
+    if credit not in CREDITS:
+        raise ValueError(f"credit must be one of {', '.join(CREDITS)}, got {credit!r}")
+    return credit
+
+
+def _check_span_ids(span_ids: Tensor, mask: Tensor, num_spans: int) -> Tensor:
+    """Validated span ids [N, T] (int64) with masked positions set to 0 (safe for gather / scatter)."""
+    if not isinstance(span_ids, Tensor) or span_ids.shape != mask.shape:
+        shape = tuple(span_ids.shape) if isinstance(span_ids, Tensor) else type(span_ids).__name__
+        raise ValueError(f"span_ids must be a tensor of shape {tuple(mask.shape)}, got {shape}")
+    if span_ids.is_floating_point() or span_ids.dtype == torch.bool:
+        raise ValueError(f"span_ids must be an integer tensor, got {span_ids.dtype}")
+    span_ids = torch.where(mask, span_ids.long(), 0)  # [N, T]
+    if mask.any() and (span_ids[mask].min() < 0 or span_ids[mask].max() >= num_spans):
+        raise ValueError(f"span_ids at unmasked positions must be in [0, {num_spans})")
+    return span_ids
+
+
+def sum_by_span(values: Tensor, span_ids: Tensor, mask: Tensor, num_spans: int) -> Tensor:
+    """sum over unmasked t with span_ids[n, t] = k of values[n, t]: [N, T] -> [N, K]. Differentiable in values
+    (the student's log p_k, the teacher's log q_k from its own token log-probs and token-to-span ids)."""
+    mask = check_token_inputs(mask, values=values)
+    span_ids = _check_span_ids(span_ids, mask, num_spans)
+    out = values.new_zeros(values.shape[0], num_spans)  # [N, K]
+    return out.scatter_add(1, span_ids, torch.where(mask, values, 0.0))
+
+
+def span_log_ratios(
+    student_logprobs: Tensor,
+    teacher_span_logprobs: Tensor,
+    span_ids: Tensor,
+    mask: Tensor,
+    span_mask: Tensor | None = None,
+    log_ratio_clip: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Detached span log-ratios l_k = log q_k - log p_k [N, K] (0 where span_mask is False) and span_mask [N, K].
+
+    Args:
+        student_logprobs: [N, T] log p_theta(y_t | y_<t) of the sampled student tokens.
+        teacher_span_logprobs: [N, K] log q_k, the teacher's log-prob of span k (its own tokens) given the text
+            before it.
+        span_ids: [N, T] integer span index of each student token (0..K-1, spans in text order).
+        mask: [N, T] bool or 0/1; False for padding and for tokens that belong to no span.
+        span_mask: [N, K] which spans exist; default: spans with at least one unmasked student token.
+        log_ratio_clip: clamp l_k to [-c, c].
+    """
+    mask = check_token_inputs(mask, student_logprobs=student_logprobs)
+    log_ratio_clip = check_log_ratio_clip(log_ratio_clip)
+    if not isinstance(teacher_span_logprobs, Tensor) or teacher_span_logprobs.dim() != 2 \
+            or teacher_span_logprobs.shape[0] != mask.shape[0] or not teacher_span_logprobs.is_floating_point():
+        raise ValueError(f"teacher_span_logprobs must be a float tensor of shape [{mask.shape[0]}, num_spans]")
+    num_spans = teacher_span_logprobs.shape[1]
+    span_ids = _check_span_ids(span_ids, mask, num_spans)
+    with torch.no_grad():
+        counts = torch.zeros(mask.shape[0], num_spans, dtype=torch.long, device=mask.device)  # [N, K]
+        counts.scatter_add_(1, span_ids, mask.long())
+        if span_mask is None:
+            span_mask = counts > 0
+        else:
+            if not isinstance(span_mask, Tensor) or span_mask.shape != teacher_span_logprobs.shape:
+                raise ValueError(f"span_mask must have shape {tuple(teacher_span_logprobs.shape)}")
+            span_mask = span_mask.bool()
+            if (counts.bool() & ~span_mask).any():
+                raise ValueError("an unmasked student token belongs to a span that span_mask excludes")
+        if not torch.isfinite(teacher_span_logprobs.detach()[span_mask]).all():
+            raise ValueError("teacher_span_logprobs holds NaN or inf in an unmasked span")
+        student_span = sum_by_span(student_logprobs.detach(), span_ids, mask, num_spans)  # [N, K] log p_k
+        log_ratio = torch.where(span_mask, teacher_span_logprobs.detach() - student_span, 0.0)  # [N, K]
+        if log_ratio_clip is not None:
+            log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)
+    return log_ratio, span_mask
+
+
+def span_advantages(
+    student_logprobs: Tensor,
+    teacher_span_logprobs: Tensor,
+    span_ids: Tensor,
+    mask: Tensor,
+    *,
+    divergence: str | Divergence,
+    estimator: str = "opd+",
+    credit: str = "all",
+    log_ratio_clip: float | None = None,
+    span_mask: Tensor | None = None,
+    center: bool = False,
+) -> Tensor:
+    """Detached per-token advantages [N, T] for the loss -sum_t A_t log p_theta(y_t): A_t = A_{span_ids[t]}, with
+
+        A_k = own_k + sum_{k' in C(k)} -f(u_k'),   own_k = w_f(u_k) ("opd+") or -f(u_k) ("opd"),
+        C(k) = all other existing spans (credit "all": the exact gradient of E[sum_k f(u_k)] for "opd+")
+             | spans k' > k             (credit "future": the causal form; biased when boundaries look ahead).
+
+    center: subtract own's value at u = 1 (a constant on every token: E[grad log p(y)] = 0 keeps the expected
+    step unchanged). Arguments as in `span_log_ratios`; 0 at masked tokens.
+    """
+    divergence = get_divergence(divergence)
+    check_estimator(estimator)
+    check_credit(credit)
+    log_ratio, span_mask = span_log_ratios(student_logprobs, teacher_span_logprobs, span_ids, mask,
+                                           span_mask, log_ratio_clip)  # [N, K], [N, K]
+    mask = mask.bool()
+    with torch.no_grad():
+        rewards = torch.where(span_mask, divergence.reward(log_ratio), 0.0)  # [N, K] -f(u_k)
+        own = divergence.weight(log_ratio) if estimator == "opd+" else rewards  # [N, K]
+        if center:
+            zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+            own = own - (divergence.weight(zero) if estimator == "opd+" else divergence.reward(zero))
+        if credit == "all":
+            others = rewards.sum(-1, keepdim=True) - rewards  # [N, K] sum_{k' != k}
+        else:
+            others = rewards.flip(-1).cumsum(-1).flip(-1) - rewards  # [N, K] sum_{k' > k}
+        span_adv = torch.where(span_mask, own + others, 0.0)  # [N, K]
+        ids = torch.where(mask, span_ids.long(), 0)  # [N, T]
+        return torch.where(mask, span_adv.gather(1, ids), 0.0)  # [N, T]
+
+
+def span_ids_from_spans(spans_per_row, length: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """From `align`'s spans (one list per row): student span ids [N, T], the student mask [N, T] (True on
+    tokens inside a span) and span_mask [N, K] (K = the longest list), T = `length` response positions."""
+    rows = len(spans_per_row)
+    num_spans = max((len(spans) for spans in spans_per_row), default=0)
+    span_ids = torch.zeros(rows, length, dtype=torch.long, device=device)
+    mask = torch.zeros(rows, length, dtype=torch.bool, device=device)
+    span_mask = torch.zeros(rows, num_spans, dtype=torch.bool, device=device)
+    for n, spans in enumerate(spans_per_row):
+        for k, span in enumerate(spans):
+            span_mask[n, k] = True
+            span_ids[n, span.s0:span.s1] = k
+            mask[n, span.s0:span.s1] = True
+    return span_ids, mask, span_mask
