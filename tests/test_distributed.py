@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from opdplus.cli import exit_now
 from opdplus.config import TrainConfig
 from opdplus.objective import Objective
 from opdplus.parallel import SingleProcess, make_strategy
@@ -95,8 +96,10 @@ def worker(rank, world_size, port, model_dir, out_dir, config, sharded, poisoned
         parameters, metrics = one_update(model_dir, SPLIT[rank], config, sharded, poison)
         if rank == 0 or sharded in (False, "zero2"):  # sharded: the full weights are gathered to process 0 only
             torch.save((parameters, metrics), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_now()  # as a launched `opdplus train` ends (see there)
 
 
 def free_port():
