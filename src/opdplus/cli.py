@@ -275,7 +275,8 @@ def _exact(args: Namespace) -> None:
 def _train(args: Namespace) -> None:
     from opdplus.trainer import train
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: set up the process group
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under `accelerate launch`
+    if launched:  # set up the process group (one process has none; a vLLM engine may make its own)
         from accelerate import PartialState
 
         PartialState()
@@ -284,24 +285,24 @@ def _train(args: Namespace) -> None:
                             if field.name in args})
     try:
         last = train(config, progress=not args.no_progress)
-        launched = _leave_process_group(finished=True)
+        if launched:
+            _leave_process_group(finished=True)
     finally:  # after an error no barrier: the other processes may never reach it
-        _leave_process_group(finished=False)
+        if launched:
+            _leave_process_group(finished=False)
     print(f"done: step {last['step']}, outputs in {config.out} (metrics.jsonl, final/)")
     if launched:
         exit_now()
 
 
-def _leave_process_group(finished: bool) -> bool:
-    """Close the process group (after a finished run, once every process got there); True if there was one."""
+def _leave_process_group(finished: bool) -> None:
+    """Close the launch's process group (after a finished run, once every process got there)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
-    return True
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def exit_now() -> None:
