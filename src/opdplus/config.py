@@ -187,8 +187,6 @@ class TrainConfig:
         tracker_names(self.report_to)  # raises ValueError listing the valid names
         self.check_number_ranges()
         entries = self.teacher_entries()
-        if not self.reward_weight >= 0:
-            raise ValueError(f"reward_weight must be a finite number >= 0, got {self.reward_weight}")
         if parse_estimator(self.estimator)[0] == "dense":  # the teacher's whole distribution at every position
             if any(entry["spec"].startswith(("http://", "https://")) for entry in entries.values()):
                 raise ValueError("--estimator dense needs a local teacher (the whole vocabulary at every position); "

@@ -37,8 +37,8 @@ def parse_estimator(name: str) -> tuple[str, int | None]:
 class Objective:
     """divergence: a name for `get_divergence` or a Divergence; estimator "opd+" (exact, the sampled token),
     "opd" (stop-gradient), "dense" (exact, the whole next-token distribution of a local teacher) or "topk:K"
-    (exact for the teacher's K most likely tokens plus a tail bucket); gamma: credit from later tokens; log_ratio_clip: clamp of l = teacher - student;
-    center: subtract w_f(1); clip_eps: PPO ratio clip for the updates after the first on a batch;
+    (exact for the teacher's K most likely tokens plus a tail bucket); gamma: credit from later tokens;
+    log_ratio_clip: clamp of l = teacher - student; center: subtract w_f(1); clip_eps: PPO ratio clip for the updates after the first on a batch;
     reduction: "sequence-sum" (unbiased: divided by the step's number of sequences) or "token-mean" (divided by
     the step's token count: biased when lengths vary); rollout_ratio_cap: truncation of the importance ratio
     p_theta / p_engine that corrects samples from a rollout engine with other numerics (None: untruncated);
@@ -53,7 +53,6 @@ class Objective:
     reduction: str = "sequence-sum"
     rollout_ratio_cap: float | None = 2.0  # truncation of p_theta / p_engine when an engine sampled
     reward_weight: float = 0.0  # lambda of the outcome reward mixed in (0: pure distillation)
-
 
     def __post_init__(self):  # validated here, once
         object.__setattr__(self, "divergence", get_divergence(self.divergence))
