@@ -11,37 +11,20 @@ import pytest
 
 from opdplus.cli import main
 from opdplus.metrics import MetricsLog
-
-SMALL = ["--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8", "--eval-every", "0",
-         "--eval-examples", "2", "--no-tensorboard", "--no-progress"]
-
-
-def train_argv(models, out, *extra, steps=2):
-    return ["train", "--student", models["student"], "--teacher", models["teacher"], "--out", str(out),
-            "--steps", str(steps), *SMALL, *extra]
-
-
-def one_line_error(argv, capsys, *expected) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0, error
-    for text in expected:
-        assert text in error, error
-    return error
+from test_run_directory import refused, train_argv
 
 
 def test_unknown_tracker_is_one_line_listing_the_valid_ones(models, tmp_path, capsys):
     out = tmp_path / "run"
-    one_line_error(train_argv(models, out, "--report-to", "tensorbord,wandb"), capsys,
-                   "report_to", "'tensorbord'", "tensorboard, wandb, trackio, none")
+    refused(train_argv(models, out, "--report-to", "tensorbord,wandb"), capsys,
+            "report_to", "'tensorbord'", "tensorboard, wandb, trackio, none")
     assert not out.exists()
 
 
 def test_uninstalled_tracker_fails_before_the_run_directory_naming_the_extra(models, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if wandb were not installed
     out = tmp_path / "run"
-    one_line_error(train_argv(models, out, "--report-to", "wandb"), capsys, "pip install 'opdplus[wandb]'")
+    refused(train_argv(models, out, "--report-to", "wandb"), capsys, "pip install 'opdplus[wandb]'")
     assert not out.exists()
 
 
@@ -59,7 +42,7 @@ def test_tensorboard_and_wandb_get_the_rows_of_metrics_jsonl_and_resume_appends(
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     # --no-tensorboard (in SMALL) is overridden by naming tensorboard in --report-to
-    assert main(train_argv(models, out, "--report-to", "tensorboard,wandb", "--save-every", "1")) == 0
+    assert main(train_argv(models, out, "--report-to", "tensorboard,wandb", "--save-every", "1", steps=2)) == 0
     assert json.loads((out / "config.json").read_text())["report_to"] == "tensorboard,wandb"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     expected = scalars_of(metrics)

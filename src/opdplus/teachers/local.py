@@ -86,15 +86,7 @@ class LocalTeacher:
     def score(self, rollouts) -> torch.Tensor:
         """float32 [N, T] on `rollouts.input_ids.device`: log p of every real response token, 0 after its end."""
         prompt_length = rollouts.prompt_length  # P
-        attention_mask = rollouts.attention_mask.to(self.device).long()  # [N, P + T]
-        # padded with this teacher's pad id; any id would do: padded positions are masked out
-        input_ids = rollouts.input_ids.to(self.device).masked_fill(attention_mask == 0, self.pad_id)  # [N, P + T]
-        prompt_lengths = attention_mask[:, :prompt_length].sum(1)  # [N]
-        response_lengths = attention_mask[:, prompt_length:].sum(1)  # [N]
-        empty = (prompt_lengths == 0).nonzero()
-        if len(empty):
-            row = int(empty[0, 0])
-            raise ValueError(f"sequence {row}: start must be in [1, {int(response_lengths[row])}] (its length), got 0")
+        input_ids, attention_mask, prompt_lengths, response_lengths = self._prepare(rollouts)
         scores = torch.zeros(input_ids.shape[0], input_ids.shape[1] - prompt_length, dtype=torch.float32,
                              device=self.device)  # [N, T]
         todo = response_lengths.nonzero()[:, 0]  # rows with nothing to score never reach the model
@@ -104,6 +96,29 @@ class LocalTeacher:
                                       response_lengths[rows])  # [B, longest response in the batch]
             scores[rows, : batch.shape[1]] = batch
         return scores.to(rollouts.input_ids.device)
+
+    def _prepare(self, rollouts):
+        """The rollouts on this teacher's device, padded with its pad id (any id would do: padded positions are
+        masked out): ids and mask [N, P + T], prompt and response lengths [N]. Every row needs a prompt token."""
+        prompt_length = rollouts.prompt_length  # P
+        attention_mask = rollouts.attention_mask.to(self.device).long()  # [N, P + T]
+        input_ids = rollouts.input_ids.to(self.device).masked_fill(attention_mask == 0, self.pad_id)  # [N, P + T]
+        prompt_lengths = attention_mask[:, :prompt_length].sum(1)  # [N]
+        response_lengths = attention_mask[:, prompt_length:].sum(1)  # [N]
+        empty = (prompt_lengths == 0).nonzero()
+        if len(empty):
+            row = int(empty[0, 0])
+            raise ValueError(f"sequence {row}: start must be in [1, {int(response_lengths[row])}] (its length), got 0")
+        return input_ids, attention_mask, prompt_lengths, response_lengths
+
+    def _moved_left(self, input_ids, prompt_length, prompt_lengths, response_lengths, width):
+        """(each row's real tokens moved to the left, prompt then response, right-padded to `width` columns
+        [B, width]; which of them are real [B, width])."""
+        columns = torch.arange(width, device=input_ids.device)  # [L]
+        real = columns < (prompt_lengths + response_lengths)[:, None]  # [B, L]
+        source = (prompt_length - prompt_lengths)[:, None] + columns  # where each token sits in the rollout
+        rows = input_ids.gather(1, source.clamp(max=input_ids.shape[1] - 1)).masked_fill(~real, self.pad_id)
+        return rows, real
 
     def _score_batch(self, input_ids, attention_mask, prompt_length, prompt_lengths, response_lengths) -> torch.Tensor:
         first_rows, prompt_index = distinct_prompts(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
@@ -120,11 +135,8 @@ class LocalTeacher:
     def _score_whole_rows(self, input_ids, attention_mask, prompt_length, prompt_lengths, response_lengths):
         """Each row's real tokens moved to the left (prompt then response, right-padded) and scored in one
         forward from the earliest response start; each row keeps its own window."""
-        lengths = prompt_lengths + response_lengths  # [B]
-        columns = torch.arange(int(lengths.max()), device=input_ids.device)  # [L]
-        real = columns < lengths[:, None]  # [B, L]
-        source = (prompt_length - prompt_lengths)[:, None] + columns  # where each token sits in the rollout
-        rows = input_ids.gather(1, source.clamp(max=input_ids.shape[1] - 1)).masked_fill(~real, self.pad_id)
+        rows, real = self._moved_left(input_ids, prompt_length, prompt_lengths, response_lengths,
+                                      int((prompt_lengths + response_lengths).max()))  # [B, L]
         start = int(prompt_lengths.min())
         scores = token_logprobs(self._scorer, rows, real.long(), start=start).float()  # [B, L - start]
         steps = torch.arange(int(response_lengths.max()), device=input_ids.device)  # [T_b]
@@ -137,12 +149,7 @@ class LocalTeacher:
         """(log-probs [N, T] of the response tokens as `score` gives them, up to float rounding; the teacher's
         whole next-token distribution at every response position, or its `top_k` tokens)."""
         prompt_length, device = rollouts.prompt_length, rollouts.input_ids.device
-        attention_mask = rollouts.attention_mask.to(self.device).long()  # [N, P + T]
-        input_ids = rollouts.input_ids.to(self.device).masked_fill(attention_mask == 0, self.pad_id)  # [N, P + T]
-        prompt_lengths = attention_mask[:, :prompt_length].sum(1)  # [N]
-        response_lengths = attention_mask[:, prompt_length:].sum(1)  # [N]
-        if (prompt_lengths == 0).any():
-            raise ValueError(f"sequence {int((prompt_lengths == 0).nonzero()[0, 0])}: an empty prompt")
+        input_ids, attention_mask, prompt_lengths, response_lengths = self._prepare(rollouts)
         states = None  # [N, T, H], zeros after each row's end
         for begin in range(0, len(input_ids), self.batch_size):
             rows = torch.arange(begin, min(begin + self.batch_size, len(input_ids)), device=self.device)
@@ -168,11 +175,8 @@ class LocalTeacher:
                                           input_ids[:, response_columns], attention_mask[:, response_columns])
             if states is not None:
                 return states
-        lengths = prompt_lengths + response_lengths  # [B]
-        columns = torch.arange(int(lengths.max()) + 1, device=input_ids.device)  # [L], one spare for empty rows
-        real = columns < lengths[:, None]  # [B, L]
-        source = (prompt_length - prompt_lengths)[:, None] + columns
-        rows = input_ids.gather(1, source.clamp(max=input_ids.shape[1] - 1)).masked_fill(~real, self.pad_id)
+        rows, real = self._moved_left(input_ids, prompt_length, prompt_lengths, response_lengths,
+                                      int((prompt_lengths + response_lengths).max()) + 1)  # a spare for empty rows
         start = int(prompt_lengths.min())
         states = predicting_states(self._scorer, rows, real.long(), start=start, share_prompts=False)
         if states is None:
