@@ -38,39 +38,27 @@ class TeacherRouter:
         """Teacher log-probs of exactly the response's token ids: float32 [N, T] on the rollouts' device, 0 after
         each row's end (tool results are scored too, in place; the loss masks them out). routes[n] names row n's
         teacher (None: the default one)."""
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(routes):
-            groups.setdefault(name or DEFAULT, []).append(row)
+        groups = _groups(routes)
         if len(groups) == 1:
             return self.teachers[next(iter(groups))].score(rollouts)
-
-        def score_group(name: str) -> torch.Tensor:  # [rows of this teacher, T]
-            return self.teachers[name].score(TokenRows.select(rollouts, groups[name]))
-
-        group_scores = dict(zip(groups, map_concurrently(score_group, list(groups), len(groups))))
+        parts = self._ask_each(rollouts, groups, lambda teacher, rows: teacher.score(rows))
         input_ids = rollouts.input_ids  # [N, P + T]
         scores = torch.zeros(input_ids.shape[0], input_ids.shape[1] - rollouts.prompt_length, dtype=torch.float32,
                              device=input_ids.device)  # [N, T]
         for name, rows in groups.items():
-            scores[torch.tensor(rows, device=input_ids.device)] = group_scores[name]
+            scores[torch.tensor(rows, device=input_ids.device)] = parts[name]
         return scores
 
     def distribution(self, rollouts, routes: list[str | None], top_k: int | None):
         """(scores [N, T] as `score` gives them, each row's teacher distribution at every response position: the
         whole one (top_k None, one local teacher) or its top_k tokens (any teachers))."""
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(routes):
-            groups.setdefault(name or DEFAULT, []).append(row)
+        groups = _groups(routes)
         if len(groups) == 1:
             return self.teachers[next(iter(groups))].distribution(rollouts, top_k)
         if top_k is None:
             raise ValueError("--estimator dense with several teachers is not supported (their heads differ); "
                              "use --estimator topk:K")
-
-        def group_distribution(name: str):
-            return self.teachers[name].distribution(TokenRows.select(rollouts, groups[name]), top_k)
-
-        parts = dict(zip(groups, map_concurrently(group_distribution, list(groups), len(groups))))
+        parts = self._ask_each(rollouts, groups, lambda teacher, rows: teacher.distribution(rows, top_k))
         device, rows = rollouts.input_ids.device, rollouts.input_ids.shape[0]
         width = rollouts.input_ids.shape[1] - rollouts.prompt_length
         scores = torch.zeros(rows, width, dtype=torch.float32, device=device)  # [N, T]
@@ -83,6 +71,21 @@ class TeacherRouter:
                 top.logprobs.float().to(device)
         return scores, TopKDistribution(token_ids, logprobs)
 
+    def _ask_each(self, rollouts, groups: dict[str, list[int]], ask) -> dict:
+        """{teacher name: ask(teacher, its rows of the rollouts)}, the teachers asked in parallel threads."""
+        def ask_group(name: str):
+            return ask(self.teachers[name], TokenRows.select(rollouts, groups[name]))
+
+        return dict(zip(groups, map_concurrently(ask_group, list(groups), len(groups))))
+
     def close(self) -> None:
         for teacher in self.teachers.values():
             teacher.close()
+
+
+def _groups(routes: list[str | None]) -> dict[str, list[int]]:
+    """teacher name -> the rows it scores, in order (None: the default teacher)."""
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(routes):
+        groups.setdefault(name or DEFAULT, []).append(row)
+    return groups
