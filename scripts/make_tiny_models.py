@@ -14,13 +14,17 @@ src/opdplus/assets/tiny/ summarise all four models.
 
     python scripts/make_tiny_models.py                    # both tasks, one after the other
     python scripts/make_tiny_models.py --tasks toolcall --roles student   # rebuild one model
+    python scripts/make_tiny_models.py --only arith-teacher-bpe           # rebuild one model by name
+
+tiny:arith-teacher-bpe is the arith teacher's recipe with a byte-level BPE tokenizer trained here on arith
+conversations (opdplus.tiny.bpe): the other-tokenizer teacher for cross-tokenizer distillation of the char student.
 """
 
 import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never touch the Hub
@@ -29,10 +33,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from opdplus.rollout import render_prompt
+from opdplus.rollout.prompts import render_conversation
 from opdplus.rollout.evaluation import evaluate
 from opdplus.tasks import get_task
 from opdplus.models import load_model_and_tokenizer
 from opdplus.tiny import ASSETS_DIR, build_char_tokenizer, tiny_config
+from opdplus.tiny.bpe import build_bpe_tokenizer
 
 TASKS = ("arith", "toolcall")
 N_TEST = 500
@@ -84,6 +90,24 @@ STUDENT = {
     )
     for task in TASKS
 }
+
+# Teachers with a BPE tokenizer: name -> the task whose TEACHER recipe they use.
+# The vocabulary: 256 bytes, the digit+operator merges the task text has, 5 specials; 20,000 conversations suffice.
+BPE_TEACHERS = {"arith-teacher-bpe": "arith"}
+BPE_STEPS = 3000
+BPE_VOCAB_SIZE = 400  # an upper bound: arith text has fewer merges to make
+BPE_CORPUS_SIZE = 20_000
+
+
+def bpe_corpus(task, seed: int) -> list[str]:
+    """Training conversations (prompt and gold response) rendered by the tiny chat template, for the BPE trainer."""
+    template = build_char_tokenizer()  # only its chat template is used: the BPE tokenizer shares it
+    return [
+        render_conversation(template, [{"role": "user", "content": example.prompt},
+                                       {"role": "assistant", "content": example.response}],
+                            None, add_generation_prompt=False)
+        for example in task.examples("train", BPE_CORPUS_SIZE, seed=seed)
+    ]
 
 
 def sft_batch(tokenizer, examples):
@@ -213,6 +237,9 @@ def write_summary(seed: int) -> dict:
         f"Accuracy: greedy, on {N_TEST} held-out test problems; avg@4: four temperature-1 samples each.",
         "Students are stopped at the first evaluation (every 25 steps) with greedy accuracy in their window: "
         + ", ".join(f"{task} [{low:.0%}, {high:.0%}]" for task, (low, high) in STUDENT_WINDOW.items()) + ".",
+        f"tiny:arith-teacher-bpe: the arith teacher's recipe ({BPE_STEPS} steps) with a byte-level BPE tokenizer",
+        "(a digit merged with the operator after it) trained on arith conversations; same special tokens and chat",
+        "template as the char models, other ids.",
         "fp32 error: max |log-prob in float32 - in float64| over 64 random token sequences (lengths 2-128);",
         "a served float32 copy (e.g. vLLM) matches the in-process model only to about this precision.",
         "",
@@ -236,45 +263,55 @@ def main():
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--roles", nargs="+", default=["teacher", "student"], choices=["teacher", "student"])
     parser.add_argument("--threads", type=int, default=2)
+    # (name, task, role, recipe, tokenizer kind) of every packaged model
+    jobs = [(f"{task_name}-{role}", task_name, role, recipe, "char")
+            for task_name in TASKS
+            for role, recipe in (("teacher", TEACHER[task_name]), ("student", STUDENT[task_name]))]
+    jobs += [(name, task_name, "teacher", replace(TEACHER[task_name], max_steps=BPE_STEPS), "bpe")
+             for name, task_name in BPE_TEACHERS.items()]
+    parser.add_argument("--only", nargs="+", choices=[job[0] for job in jobs],
+                        help="build just these models (by name); overrides --tasks and --roles")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
 
-    tokenizer = build_char_tokenizer()
-    for task_name in args.tasks:
+    for name, task_name, role, recipe, kind in jobs:
+        if (name not in args.only) if args.only else (task_name not in args.tasks or role not in args.roles):
+            continue
         task = get_task(task_name)
         test_examples = task.examples("test", N_TEST, seed=args.seed)
-        for role, recipe in (("teacher", TEACHER[task_name]), ("student", STUDENT[task_name])):
-            if role not in args.roles:
-                continue
-            name = f"{task_name}-{role}"
-            print(f"== {name}: {recipe}", flush=True)
-            model_start = time.time()
-            model, steps, accuracy = train(task, tokenizer, recipe, test_examples, args.seed, name)
-            size = save(model, tokenizer, ASSETS_DIR / name)
-            # Re-measure from disk so the record describes the shipped artefact, not the in-memory model.
-            reloaded, reloaded_tokenizer = load_model_and_tokenizer(f"tiny:{name}")
-            torch.manual_seed(args.seed)
-            metrics = evaluate(reloaded, reloaded_tokenizer, task, test_examples, k=4)
-            assert abs(metrics["greedy_accuracy"] - accuracy) < 1e-9, "reloaded model disagrees with trained one"
-            record = {
-                "task": task_name,
-                "role": role,
-                "recipe": asdict(recipe),
-                "intermediate_size": model.config.intermediate_size,
-                "steps": steps,
-                "greedy_accuracy": metrics["greedy_accuracy"],
-                "avg_at_4": metrics["avg_at_k"],
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "bytes": size,
-                "train_seconds": round(time.time() - model_start, 1),
-                "threads": args.threads,
-                "float32_logprob_error_random": float32_logprob_error(f"tiny:{name}", args.seed),
-            }
-            (ASSETS_DIR / name / "sft.json").write_text(json.dumps(record, indent=2) + "\n")
-            print(f"   -> {name}: {json.dumps(record)}", flush=True)
-            print(f"   -> {name}: float32 vs float64 log-prob error on random sequences "
-                  f"{record['float32_logprob_error_random']:.1e}", flush=True)
+        print(f"== {name}: {recipe}", flush=True)
+        model_start = time.time()
+        if kind == "bpe":
+            tokenizer = build_bpe_tokenizer(bpe_corpus(task, args.seed), BPE_VOCAB_SIZE)
+        else:
+            tokenizer = build_char_tokenizer()
+        model, steps, accuracy = train(task, tokenizer, recipe, test_examples, args.seed, name)
+        size = save(model, tokenizer, ASSETS_DIR / name)
+        # Re-measure from disk so the record describes the shipped artefact, not the in-memory model.
+        reloaded, reloaded_tokenizer = load_model_and_tokenizer(f"tiny:{name}")
+        torch.manual_seed(args.seed)
+        metrics = evaluate(reloaded, reloaded_tokenizer, task, test_examples, k=4)
+        assert abs(metrics["greedy_accuracy"] - accuracy) < 1e-9, "reloaded model disagrees with trained one"
+        record = {
+            "task": task_name,
+            "role": role,
+            **({"tokenizer": f"byte-level BPE, {len(tokenizer)} tokens"} if kind == "bpe" else {}),
+            "recipe": asdict(recipe),
+            "intermediate_size": model.config.intermediate_size,
+            "steps": steps,
+            "greedy_accuracy": metrics["greedy_accuracy"],
+            "avg_at_4": metrics["avg_at_k"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "bytes": size,
+            "train_seconds": round(time.time() - model_start, 1),
+            "threads": args.threads,
+            "float32_logprob_error_random": float32_logprob_error(f"tiny:{name}", args.seed),
+        }
+        (ASSETS_DIR / name / "sft.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"   -> {name}: {json.dumps(record)}", flush=True)
+        print(f"   -> {name}: float32 vs float64 log-prob error on random sequences "
+              f"{record['float32_logprob_error_random']:.1e}", flush=True)
 
     manifest = write_summary(args.seed)
     total = sum(m["bytes"] for m in manifest["models"].values())

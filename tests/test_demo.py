@@ -96,3 +96,12 @@ def test_milestone_column_and_not_reached(tmp_path):
     assert rows[2].startswith("| arith | rkl | dense | 80.0 | 30.0 [") and "| 20 |" in rows[2]
     assert "| not reached |" in rows[3]
     assert "| 38.0 [29.1, 47.8] |" in rows[2]  # Wilson 38 of 100, by hand: 0.2909 and 0.4778
+
+
+@pytest.mark.parametrize("assignment,hint", [("divergence=fkl", "use --divergences"), ("seed=3", "use --seed"),
+                                             ("tensorboard=true", "for each arm")])
+def test_demo_refuses_to_set_what_each_arm_sets(tmp_path, capsys, assignment, hint):
+    assert main(["demo", "--quick", "--set", assignment, "--out", str(tmp_path / "demo")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and hint in error and assignment.split("=")[0] in error
+    assert not (tmp_path / "demo").exists()

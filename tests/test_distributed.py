@@ -30,6 +30,7 @@ from opdplus.rollout import Rollouts
 from opdplus.run import lr_lambda
 from opdplus.teachers.distribution import TopKDistribution
 from opdplus.models import resolve_model
+from opdplus.objective.spans import SpanScores, sum_by_span
 from opdplus.trainer import optimize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,17 @@ def batch():
 SPLIT = (slice(0, 5), slice(5, 8))  # uneven shares: under FSDP the processes run different numbers of micro-batches
 
 
-def one_update(model_dir, rows, config, sharded=False, poison=None):
+def span_scores(teacher_logprobs, mask):
+    """SpanScores of batch(): even rows re-tokenized into spans of two tokens, odd rows token-level (causal)."""
+    positions = torch.arange(RESPONSE).expand(ROWS, RESPONSE)
+    pairs = torch.arange(ROWS)[:, None] % 2 == 0  # [N, 1]
+    span_ids = torch.where(pairs, positions // 2, positions)  # [N, T]
+    logprobs = sum_by_span(teacher_logprobs, span_ids, mask, RESPONSE)  # [N, K = T]
+    span_mask = torch.zeros(ROWS, RESPONSE, dtype=torch.long).scatter_add_(1, span_ids, mask.long()) > 0
+    return SpanScores(logprobs, span_ids, span_mask, ~pairs[:, 0])
+
+
+def one_update(model_dir, rows, config, sharded=False, poison=None, spans=False):
     """Parameters after update() on batch()[rows], and the logged metrics. sharded: True (FSDP), False, or
     "zero2" / "zero3" (DeepSpeed). poison: None, no NaN anywhere; True, a NaN teacher log-prob in this process's
     first row; False, one in another process's: the update is skipped."""
@@ -79,21 +90,26 @@ def one_update(model_dir, rows, config, sharded=False, poison=None):
         global_rows = range(ROWS)[rows]
         extra["sequence_advantages"] = objective.sequence_advantages(
             [float(row % 3 == 0) for row in global_rows], [(row + 1) // 2 for row in global_rows], "cpu")
-    update = optimize(strategy, optimizer, scheduler, objective, rollouts, teacher_logprobs,
+    if spans:  # the whole batch's spans, then this process's rows
+        _, _, full_mask, full_teacher = batch()
+        teacher = span_scores(full_teacher, full_mask).rows(rows)
+    else:
+        teacher = teacher_logprobs
+    update = optimize(strategy, optimizer, scheduler, objective, rollouts, teacher,
                       ppo_epochs=config.ppo_epochs, micro_batch_size=config.micro_batch_size, **extra)
     assert bool(update.bad_rows) == (poison is not None)
     weights = (strategy.checkpoint_state()[0] if sharded else None) or dict(model.named_parameters())
     return {name: tensor.detach().clone() for name, tensor in weights.items()}, update.metrics
 
 
-def worker(rank, world_size, port, model_dir, out_dir, config, sharded, poisoned_rank=None):
+def worker(rank, world_size, port, model_dir, out_dir, config, sharded, poisoned_rank=None, spans=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         poison = None if poisoned_rank is None else rank == poisoned_rank
-        parameters, metrics = one_update(model_dir, SPLIT[rank], config, sharded, poison)
+        parameters, metrics = one_update(model_dir, SPLIT[rank], config, sharded, poison, spans)
         if rank == 0 or sharded in (False, "zero2"):  # sharded: the full weights are gathered to process 0 only
             torch.save((parameters, metrics), os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
@@ -148,6 +164,22 @@ def test_top_k_with_an_outcome_reward_matches_one_process(models, tmp_path, shar
         torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-5)
     assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)  # metrics are per process
     assert 0 < single_metrics["distillation_share"] < 1  # both the divergence and the reward moved it
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_span_level_scores_match_one_process(models, tmp_path, sharded):
+    # a re-tokenizing teacher's SpanScores (two-token spans with the two-sided credit, and token-level rows with
+    # the causal one, in one batch) split over processes: the update is the one-process update
+    config = TrainConfig(divergence="jsd", gamma=1.0, lr=0.1, ppo_epochs=2, clip_eps=0.2, micro_batch_size=3)
+    mp.spawn(worker, args=(2, free_port(), models["student"], str(tmp_path), config, sharded, None, True), nprocs=2,
+             join=True)
+    single, single_metrics = one_update(models["student"], slice(0, ROWS), config, spans=True)
+    token_level, _ = one_update(models["student"], slice(0, ROWS), config)
+    distributed, metrics = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    for name in single:
+        torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)
+    assert max(float((single[name] - token_level[name]).abs().max()) for name in single) > 1e-4  # spans count
 
 
 @pytest.mark.parametrize("sharded", [False, True, pytest.param("zero2", marks=NEEDS_DEEPSPEED),

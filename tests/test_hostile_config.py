@@ -32,9 +32,9 @@ def run_train(tmp_path, capsys, *flags, config_text=None):
 
 
 @pytest.mark.parametrize("spec,option,valid", [
-    ("tiny:arith-teacher", "timeout", "batch_size, device, dtype, temperature"),
-    ("tiny:arith-teacher", "retries", "batch_size, device, dtype, temperature"),
-    (SERVED, "retries", "api, backoff, batch_size, concurrency, max_retries, model, temperature, timeout"),
+    ("tiny:arith-teacher", "timeout", "batch_size, device, dtype, system_prompt, temperature"),
+    ("tiny:arith-teacher", "retries", "batch_size, device, dtype, system_prompt, temperature"),
+    (SERVED, "retries", "api, backoff, batch_size, concurrency, max_retries, model, system_prompt, temperature, timeout, tokenizer"),
 ])
 def test_unknown_teacher_option_is_one_line_before_the_run_directory(tmp_path, capsys, spec, option, valid):
     text = f"teachers:\n  helper:\n    spec: {spec}\n    {option}: 5\n"

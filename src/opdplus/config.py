@@ -46,6 +46,13 @@ class TrainConfig:
     teachers: dict | None = setting(None, DISTILL, "Several teachers (YAML only): name -> spec, or name -> {spec: "
                                     "..., api: ..., temperature: ...}; each example names its teacher in its "
                                     "teacher_field, and `teacher` serves examples that name none.")
+    teacher_system_prompt: str | None = setting(None, DISTILL, "A system message only `teacher` reads (a privileged "
+                                                "teacher, e.g. hints for self-distillation); a teachers: entry "
+                                                "sets its own `system_prompt`.")
+    teacher_tokenizer: str | None = setting(None, DISTILL, "Tokenizer of a served `teacher` (directory, tiny: name "
+                                            "or hub id) when it is not the student's: ids are mapped or the loss "
+                                            "becomes span-level (docs/theory.md); a teachers: entry sets its own "
+                                            "`tokenizer`. Local teachers bring their own.")
     out: str = setting("runs/train", DISTILL, "Run directory for metrics, checkpoints and the final model.")
 
     data: str | None = setting(None, DATA, "Training data of the math and tooluse tasks (JSONL, JSON or Parquet); "
@@ -220,7 +227,10 @@ class TrainConfig:
     def teacher_entries(self) -> dict[str, dict]:
         """name -> {"spec": ..., options...} as written; "default" is `teacher`, for examples that name none."""
         entries = {}
-        for name, entry in {"default": self.teacher, **(self.teachers or {})}.items():
+        default = {"spec": self.teacher, "system_prompt": self.teacher_system_prompt,
+                   "tokenizer": self.teacher_tokenizer}
+        default = {key: value for key, value in default.items() if value is not None}
+        for name, entry in {"default": default, **(self.teachers or {})}.items():
             if isinstance(entry, str):
                 entry = {"spec": entry}
             if not isinstance(entry, dict) or not isinstance(entry.get("spec"), str):
@@ -247,11 +257,14 @@ def _number(value, *, positive: bool) -> bool:
 # option -> (check, what it must be): a teacher entry's options, refused by name before anything is loaded
 SHARED_TEACHER_OPTIONS = {
     "batch_size": (lambda value: _integer(value, 1), "a positive integer"),
+    "system_prompt": (lambda value: isinstance(value, str) and value.strip() != "", "a non-empty string"),
     "temperature": (lambda value: _number(value, positive=True), "a positive finite number"),
 }
 SERVED_TEACHER_OPTIONS = {
     **SHARED_TEACHER_OPTIONS,
     "api": (lambda value: value in ("vllm", "sglang"), "vllm or sglang"),
+    "tokenizer": (lambda value: isinstance(value, str) and value != "",
+                  "the served model's tokenizer: a directory, a tiny: name or a hub id"),
     "model": (lambda value: value is None or (isinstance(value, str) and value != ""),
               "a served model name (null: the only one served)"),
     "timeout": (lambda value: _number(value, positive=True), "a positive finite number of seconds"),

@@ -54,31 +54,33 @@ def _run_arm(config: TrainConfig) -> str:
     return config.out
 
 
-def _teacher_accuracy(task_name: str, eval_examples: int) -> float:
+def _teacher_accuracy(task_name: str, teacher: str, eval_examples: int) -> float:
     from opdplus.rollout.evaluation import evaluate
     from opdplus.tasks import get_task
     from opdplus.models import load_model_and_tokenizer
 
     task = get_task(task_name)
-    teacher, tokenizer = load_model_and_tokenizer(f"tiny:{task_name}-teacher")
+    teacher, tokenizer = load_model_and_tokenizer(teacher)
     return evaluate(teacher, tokenizer, task, task.examples("test", eval_examples, seed=0))["greedy_accuracy"]
 
 
 def run_demo(out: Path, *, tasks: list[str], divergences: list[str], estimators: list[str], quick: bool, seed: int,
              workers: int, overrides: dict | None = None) -> dict:
     settings = {**DEMO_SETTINGS, **(QUICK_SETTINGS if quick else {}), **(overrides or {}), "seed": seed}
-    configs = [
-        TrainConfig(task=task, student=f"tiny:{task}-student", teacher=f"tiny:{task}-teacher",
+    configs = [  # --set student=... / teacher=... replace the built-in pair (e.g. teacher=tiny:arith-teacher-bpe)
+        TrainConfig(task=task, **{"student": f"tiny:{task}-student", "teacher": f"tiny:{task}-teacher", **settings},
                     divergence=divergence, estimator=estimator, tensorboard=False, overwrite=True,
-                    out=str(out / "arms" / arm_name(task, divergence, estimator)), **settings).validate()
+                    out=str(out / "arms" / arm_name(task, divergence, estimator))).validate()
         for task in tasks for divergence in divergences for estimator in estimators
     ]
+    teachers = {config.task: config.teacher for config in configs}
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"opdplus demo: {len(configs)} arms ({', '.join(tasks)} x {', '.join(divergences)} x "
           f"{', '.join(estimators)}), {settings['steps']} steps each, {workers} at a time -> {out}", flush=True)
     with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
-        teacher_jobs = {task: pool.submit(_teacher_accuracy, task, settings["eval_examples"]) for task in tasks}
+        teacher_jobs = {task: pool.submit(_teacher_accuracy, task, teachers[task], settings["eval_examples"])
+                        for task in tasks}
         jobs = [(config, pool.submit(_run_arm, config)) for config in configs]
         for done, (config, job) in enumerate(jobs, 1):
             job.result()

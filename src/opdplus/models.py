@@ -45,6 +45,16 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
         raise FileNotFoundError(f"cannot load model {spec!r}: {first_line}") from error
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer alone (e.g. a served teacher's, to speak its ids), from a `tiny:` name, a directory or a Hub id."""
+    path = resolve_model(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"cannot load the tokenizer {spec!r}: {message}") from None
+
+
 def _load(path: str, dtype: torch.dtype):
     # Only safetensors and only code shipped with transformers: loading a checkpoint never runs its code.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)

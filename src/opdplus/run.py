@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from opdplus.build import build_task, check_environment, resolve_device, teacher_specs
+from opdplus.build import build_task, build_teachers, check_environment, resolve_device
 from opdplus.checkpoint import (
     atomic_directory,
     atomic_write_text,
@@ -34,7 +34,6 @@ from opdplus.objective import Objective
 from opdplus.parallel import SingleProcess, launch_sharding, make_strategy, world, zero_stage
 from opdplus.rollout import encode_prompts
 from opdplus.rollout.engine import RolloutEngine, make_engine
-from opdplus.teachers import get_teacher
 from opdplus.teachers.routing import TeacherRouter
 
 
@@ -69,8 +68,7 @@ def setup_run(config: TrainConfig) -> Run:
     task = build_task(config)
     device, dtype = resolve_device(config), getattr(torch, config.dtype)
     model, tokenizer = load_model_and_tokenizer(config.student, dtype=dtype)
-    teachers = TeacherRouter({name: get_teacher(spec, **options) for name, (spec, options) in teacher_specs(config).items()})
-    teachers.check_tokenizer(tokenizer)  # every token id the student emits must mean the same to each teacher
+    teachers = build_teachers(config, tokenizer, notice=print if world()[0] == 0 else lambda line: None)
     evaluates = not task.reads_files or config.test_data is not None
     if not evaluates:
         warnings.warn("no --test-data: held-out evaluation is skipped", stacklevel=3)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from opdplus.checkpoint import failpoint, release_run_directory, save_checkpoint
 from opdplus.config import TrainConfig
 from opdplus.metrics import Stopwatch, combine
 from opdplus.objective import Objective
+from opdplus.objective.spans import SpanScores, span_token_log_ratios
 from opdplus.parallel import SingleProcess
 from opdplus.rollout.evaluation import evaluate
 from opdplus.run import Run, drop_long_prompts, save_final, setup_run
@@ -69,12 +70,13 @@ def run_steps(run: Run, progress: bool) -> dict:
 
         with clock("teacher"):  # 2. each example's teacher scores exactly the sampled token ids
             routes = [examples[index].teacher or "default" for index in rollouts.prompt_index]
+            prompts = [examples[index] for index in rollouts.prompt_index]  # a teacher may render its own prompt
             teacher_distribution = None  # dense / top-k: the teacher's next-token distribution at every position
             if run.objective.needs_distribution:
                 teacher_logprobs, teacher_distribution = run.teachers.distribution(rollouts, routes,
-                                                                                   run.objective.top_k)
-            else:
-                teacher_logprobs = run.teachers.score(rollouts, routes)  # [N, T]
+                                                                                   run.objective.top_k, prompts)
+            else:  # [N, T], or per aligned span (SpanScores) when a teacher has another tokenizer
+                teacher_logprobs = run.teachers.score(rollouts, routes, prompts)
         correct = [run.task.verify(completion, examples[index])  # the outcome reward: 1 if correct, else 0
                    for completion, index in zip(rollouts.completions, rollouts.prompt_index)]
 
@@ -84,7 +86,7 @@ def run_steps(run: Run, progress: bool) -> dict:
                               gradient_checkpointing=config.gradient_checkpointing, clock=clock,
                               teacher_distribution=teacher_distribution,
                               sequence_advantages=run.objective.sequence_advantages(
-                                  correct, rollouts.prompt_index, teacher_logprobs.device))
+                                  correct, rollouts.prompt_index, mask.device))
             if update.applied:
                 run.engine.sync_weights(run.model)  # vLLM: the engine's copy of the weights; HF: nothing to do
         failpoint(f"update:{step}")
@@ -105,11 +107,13 @@ def run_steps(run: Run, progress: bool) -> dict:
             **{f"time_{name}": clock.seconds.pop(name) for name in ("generate", "teacher", "update")},
             **{f"time_{name}": seconds for name, seconds in clock.seconds.items()},  # forward, backward, optimizer
         }
+        if isinstance(teacher_logprobs, SpanScores):  # a re-tokenizing teacher: how coarse its spans are
+            record["tokens_per_span"] = float(mask.sum() / teacher_logprobs.span_mask.sum().clamp(min=1))
         if config.reward_weight:  # the outcome reward mixed into the advantages (a verifier's: 1 correct, 0 not)
             record["reward_mean"] = sum(map(float, correct)) / len(correct)
         if config.teachers and update.applied:  # several teachers: each one's share, divergence and |A|
             record.update({f"teacher/{key}": value for key, value in run.objective.group_metrics(
-                routes, mask, update.logprobs, teacher_logprobs, update.advantages).items()})
+                routes, mask, update.log_ratios, update.advantages).items()})
         if run.evaluates and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
             record.update(evaluate_student(run))
         record["time_step"] = time.perf_counter() - started
@@ -159,6 +163,7 @@ class Update:
     bad_rows: list[int]  # rows with non-finite log-probs, loss or gradients; when not empty nothing was applied
     logprobs: torch.Tensor  # [N, T] the sampling policy's log-probs (the first epoch's, detached)
     advantages: torch.Tensor  # [N, T] the first epoch's advantages
+    log_ratios: torch.Tensor  # [N, T] teacher - student, the first epoch's (spans: at each span's last token)
 
     @property
     def applied(self) -> bool:
@@ -166,7 +171,7 @@ class Update:
 
 
 def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective, rollouts,
-             teacher_logprobs: torch.Tensor, *, ppo_epochs: int = 1, micro_batch_size: int | None = None,
+             teacher_logprobs: torch.Tensor | SpanScores, *, ppo_epochs: int = 1, micro_batch_size: int | None = None,
              gradient_checkpointing: bool = False, clock: Stopwatch | None = None, teacher_distribution=None,
              sequence_advantages: torch.Tensor | None = None) -> Update:
     """`ppo_epochs` optimizer steps on one batch, each accumulated over micro-batches of `micro_batch_size` rows.
@@ -181,7 +186,8 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
     the update stays that of the policy being trained. A non-finite value anywhere skips the whole update on
     every process. teacher_distribution (dense / top-k estimators): the teacher's next-token distribution at every
     response position, rows as the rollouts'; sequence_advantages [N]: the outcome reward's share of each row's
-    advantage (`Objective.sequence_advantages`)."""
+    advantage (`Objective.sequence_advantages`). teacher_logprobs: [N, T], or a re-tokenizing teacher's scores per
+    aligned span (`SpanScores`): the advantages are then span-level, everything else is the same."""
     clock = clock or Stopwatch()
     input_ids, attention_mask = rollouts.input_ids, rollouts.attention_mask  # [N, P + T]
     mask, prompt_length = rollouts.response_mask, rollouts.prompt_length  # [N, T], P
@@ -191,9 +197,12 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
     num_sequences = int(strategy.all_reduce(torch.tensor(float(rows), dtype=torch.float64)))
     num_tokens = int(strategy.all_reduce(mask.sum().double()).clamp(min=1))
     empty_passes = strategy.passes_to_match(len(micro_batches))  # sharded: other processes may have more
-    behavior_logprobs = torch.zeros_like(teacher_logprobs)  # [N, T]
-    advantages = torch.zeros_like(teacher_logprobs)  # [N, T]
-    sample_weights = torch.ones_like(teacher_logprobs)  # [N, T] p_theta / p_engine, truncated (1: no engine)
+    spans = teacher_logprobs if isinstance(teacher_logprobs, SpanScores) else None
+    teacher_finite = _teacher_finite(teacher_logprobs, mask)  # [N, T]
+    dtype = (teacher_logprobs if spans is None else spans.logprobs).dtype  # float64 in the exactness tests
+    behavior_logprobs = torch.zeros(mask.shape, dtype=dtype, device=mask.device)  # [N, T]
+    advantages = torch.zeros_like(behavior_logprobs)  # [N, T]
+    sample_weights = torch.ones_like(behavior_logprobs)  # [N, T] p_theta / p_engine, truncated (1: no engine)
     first_metrics: dict = {}
     with strategy.training(gradient_checkpointing):
         for epoch in range(ppo_epochs):
@@ -207,7 +216,7 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
                         both = strategy.logprobs(input_ids[batch], attention_mask[batch], prompt_length,
                                                  objective.per_position(teacher_distribution.rows(batch)))  # [B, T, 2]
                         logprobs, divergences = both[..., 0], both[..., 1]
-                finite = (torch.isfinite(logprobs.detach()) & torch.isfinite(teacher_logprobs[batch])) | ~mask[batch]
+                finite = (torch.isfinite(logprobs.detach()) & teacher_finite[batch]) | ~mask[batch]
                 if divergences is not None:
                     finite &= torch.isfinite(divergences.detach()) | ~mask[batch]
                 if not finite.all():
@@ -219,7 +228,8 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
                     sample_weights[batch], correction = objective.sampler_weights(logprobs, engine_logprobs[batch],
                                                                                   mask[batch])
                 loss, metrics, batch_advantages = objective.loss(
-                    logprobs, teacher_logprobs[batch], mask[batch], num_sequences=num_sequences, num_tokens=num_tokens,
+                    logprobs, teacher_logprobs[batch] if spans is None else spans.rows(batch), mask[batch],
+                    num_sequences=num_sequences, num_tokens=num_tokens,
                     behavior_logprobs=behavior_logprobs[batch] if epoch > 0 else None,
                     sample_weights=sample_weights[batch] if engine_logprobs is not None else None,
                     divergences=divergences,
@@ -239,6 +249,25 @@ def optimize(strategy: SingleProcess, optimizer, scheduler, objective: Objective
             if parts and epoch == 0:
                 first_metrics = {**combine(parts), "grad_norm": grad_norm}
             if not applied:
-                return Update(first_metrics, bad_rows or list(range(rows)), behavior_logprobs, advantages)
+                return Update(first_metrics, bad_rows or list(range(rows)), behavior_logprobs, advantages,
+                              _log_ratios(teacher_logprobs, behavior_logprobs, mask))
             scheduler.step()
-    return Update(first_metrics, [], behavior_logprobs, advantages)
+    return Update(first_metrics, [], behavior_logprobs, advantages,
+                  _log_ratios(teacher_logprobs, behavior_logprobs, mask))
+
+
+def _teacher_finite(teacher_logprobs: torch.Tensor | SpanScores, mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] True where the teacher's score of the token (or of the span it belongs to) is finite."""
+    if not isinstance(teacher_logprobs, SpanScores):
+        return torch.isfinite(teacher_logprobs)
+    span_finite = torch.isfinite(teacher_logprobs.logprobs) | ~teacher_logprobs.span_mask  # [N, K]
+    return span_finite.gather(1, torch.where(mask, teacher_logprobs.span_ids, 0))
+
+
+def _log_ratios(teacher_logprobs: torch.Tensor | SpanScores, logprobs: torch.Tensor, mask: torch.Tensor):
+    """[N, T] teacher - student log-probs (spans: each span's at its last token), 0 off the mask (and where a
+    skipped update left non-finite scores: these are for the metrics)."""
+    if isinstance(teacher_logprobs, SpanScores):
+        finite = replace(teacher_logprobs, logprobs=torch.nan_to_num(teacher_logprobs.logprobs, 0.0, 0.0, 0.0))
+        return span_token_log_ratios(finite, logprobs, mask)
+    return torch.where(mask, torch.nan_to_num(teacher_logprobs - logprobs, 0.0, 0.0, 0.0), 0.0)

@@ -25,6 +25,7 @@ from opdplus.objective.advantages import (
     log_ratios,
 )
 from opdplus.objective.divergences import Divergence, get_divergence
+from opdplus.objective.spans import SpanScores, span_loss_terms, span_token_log_ratios
 
 # "sequence-sum" (the default) divides by a number that does not depend on what was sampled, so the expected
 # step is the gradient of the objective; "token-mean" divides by the sampled token count, which is random when
@@ -109,21 +110,30 @@ def policy_gradient_loss(
     sample_weights: Tensor | None = None,  # [B, T] detached per-token importance weights (another sampler)
     divergences: Tensor | None = None,  # [B, T] per-position divergences with gradient (dense / top-k)
     sequence_advantages: Tensor | None = None,  # [B] added to every token of a row (the outcome reward's)
+    teacher_spans: SpanScores | None = None,  # a re-tokenizing teacher's scores per span (teacher_logprobs unused)
 ) -> tuple[Tensor, dict[str, float], Tensor]:
     """`opd_loss` on already-validated arguments: (loss, metrics, advantages [B, T]).
 
     With `divergences` (the dense and top-k estimators) each position's divergence is differentiated directly
     and later positions' divergences are the rewards of the policy-gradient term:
-    loss_t = D_t - A_t log p_theta(y_t), A_t = sum_{t' > t} gamma^k (-D_t')."""
+    loss_t = D_t - A_t log p_theta(y_t), A_t = sum_{t' > t} gamma^k (-D_t').
+    With `teacher_spans` the advantages are span-level (`span_loss_terms`), the rest is unchanged."""
     # The policy the advantage is evaluated at: always the current one for opd+ (exact off-policy weight).
     off_policy = behavior_logprobs is not None
     advantage_policy = behavior_logprobs if off_policy and estimator == "opd" else logprobs
     with torch.no_grad():
-        log_ratio = log_ratios(advantage_policy, teacher_logprobs, mask, log_ratio_clip)  # [B, T]
-        if divergences is not None:
-            advantages = discounted_future_sum(-divergences.detach(), mask, gamma)  # [B, T]
+        if teacher_spans is not None:  # l_k per span, placed at each span's last token [B, T]
+            advantages, log_ratio, raw_log_ratio = span_loss_terms(
+                teacher_spans, advantage_policy, mask, divergence, estimator, gamma, log_ratio_clip, center)
+            if off_policy and estimator == "opd":  # the metrics read the current policy's log-ratio
+                raw_log_ratio = span_token_log_ratios(teacher_spans, logprobs, mask)
         else:
-            advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma, center)  # [B, T]
+            log_ratio = log_ratios(advantage_policy, teacher_logprobs, mask, log_ratio_clip)  # [B, T]
+            raw_log_ratio = torch.where(mask, teacher_logprobs.detach() - logprobs.detach(), 0.0)  # [B, T]
+            if divergences is not None:
+                advantages = discounted_future_sum(-divergences.detach(), mask, gamma)  # [B, T]
+            else:
+                advantages = advantages_from_log_ratio(log_ratio, mask, divergence, estimator, gamma, center)
         distillation_advantages = advantages
         if sequence_advantages is not None:
             advantages = torch.where(mask, advantages + sequence_advantages[:, None].to(advantages.dtype), 0.0)
@@ -160,8 +170,7 @@ def policy_gradient_loss(
         sequence_means = per_token_loss.sum(-1) / tokens_per_sequence.clamp(min=1)
         loss = sequence_means.sum() / (tokens_per_sequence > 0).sum().clamp(min=1)
 
-    metrics = _metrics(loss, logprobs, teacher_logprobs, mask, log_ratio, advantages, ppo_clipped, divergence,
-                       log_ratio_clip)
+    metrics = _metrics(loss, raw_log_ratio, mask, log_ratio, advantages, ppo_clipped, divergence, log_ratio_clip)
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
         if divergences is not None:  # the exact per-position divergence instead of the one-sample estimate
@@ -174,11 +183,11 @@ def policy_gradient_loss(
     return loss, metrics, advantages
 
 
-def _metrics(loss, logprobs, teacher_logprobs, mask, log_ratio, advantages, ppo_clipped, divergence,
+def _metrics(loss, raw_log_ratio, mask, log_ratio, advantages, ppo_clipped, divergence,
              log_ratio_clip) -> dict[str, float]:
+    """raw_log_ratio [B, T]: teacher - current student, unclipped; log_ratio the one the advantages used."""
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
-        raw_log_ratio = torch.where(mask, teacher_logprobs.detach() - logprobs.detach(), 0.0)
 
         def token_mean(values: Tensor) -> Tensor:  # in float64 so that bf16 inputs give accurate metrics
             return torch.where(mask, values.double(), 0.0).sum() / count

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from opdplus.objective.advantages import log_ratios
 from opdplus.objective.checks import check_objective_settings
 from opdplus.objective.dense import position_divergences
 from opdplus.objective.divergences import Divergence, get_divergence
 from opdplus.objective.loss import policy_gradient_loss
 from opdplus.objective.rewards import leave_one_out_advantages
 from opdplus.objective.sampler_correction import importance_weights
+from opdplus.objective.spans import SpanScores
 
 
 ALL_ESTIMATORS = ("opd", "opd+", "dense", "topk:K")
@@ -80,7 +80,7 @@ class Objective:
             return position_divergences(self.divergence, student_logprobs, teacher_logprobs, token_ids)
         return divergences
 
-    def loss(self, logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, *, num_sequences: float,
+    def loss(self, logprobs: Tensor, teacher_logprobs: Tensor | SpanScores, mask: Tensor, *, num_sequences: float,
              num_tokens: float, behavior_logprobs: Tensor | None = None, sample_weights: Tensor | None = None,
              divergences: Tensor | None = None, sequence_advantages: Tensor | None = None,
              ) -> tuple[Tensor, dict[str, float], Tensor]:
@@ -90,15 +90,20 @@ class Objective:
         logprobs [B, T] with gradient; mask [B, T] bool; behavior_logprobs [B, T] for a later update on a batch;
         sample_weights [B, T] from `sampler_weights` when a rollout engine sampled; divergences [B, T] with
         gradient for the dense and top-k estimators (from `per_position`); sequence_advantages [B] the outcome
-        reward's share of every token's advantage."""
+        reward's share of every token's advantage. teacher_logprobs [B, T], or a re-tokenizing teacher's
+        `SpanScores` (span-level advantages, `span_loss_terms`)."""
         if self.needs_distribution != (divergences is not None):
             raise ValueError(f"estimator {self.estimator}: divergences must be given exactly for dense and topk:K")
+        spans = teacher_logprobs if isinstance(teacher_logprobs, SpanScores) else None
+        if spans is not None and self.needs_distribution:
+            raise ValueError(f"estimator {self.estimator} needs a teacher that reads the student's token ids")
         estimator = "opd+" if self.needs_distribution else self.estimator
-        return policy_gradient_loss(logprobs, teacher_logprobs, mask, self.divergence, estimator, self.gamma,
-                                    self.log_ratio_clip, self.center, self.clip_eps,
+        return policy_gradient_loss(logprobs, teacher_logprobs if spans is None else None, mask, self.divergence,
+                                    estimator, self.gamma, self.log_ratio_clip, self.center, self.clip_eps,
                                     behavior_logprobs=behavior_logprobs, reduction=self.reduction,
                                     num_sequences=num_sequences, num_tokens=num_tokens, sample_weights=sample_weights,
-                                    divergences=divergences, sequence_advantages=sequence_advantages)
+                                    divergences=divergences, sequence_advantages=sequence_advantages,
+                                    teacher_spans=spans)
 
     def sequence_advantages(self, rewards: list[float], prompt_index: list[int], device) -> Tensor | None:
         """[N] lambda (R_i - leave-one-out baseline over the samples of its prompt), or None when lambda = 0."""
@@ -112,12 +117,13 @@ class Objective:
         opdplus.objective.sampler_correction)."""
         return importance_weights(logprobs, engine_logprobs, mask, self.rollout_ratio_cap)
 
-    def group_metrics(self, groups: list[str], mask: Tensor, student_logprobs: Tensor, teacher_logprobs: Tensor,
-                      advantages: Tensor) -> dict[str, float]:
+    def group_metrics(self, groups: list[str], mask: Tensor, log_ratio: Tensor, advantages: Tensor) -> dict[str, float]:
         """Per group of rows (e.g. each teacher's): share of tokens, mean per-token divergence, mean |A|.
 
-        groups: one name per row; mask, log-probs and advantages [N, T] (the advantages the loss used)."""
-        log_ratio = log_ratios(student_logprobs, teacher_logprobs, mask, self.log_ratio_clip)  # [N, T]
+        groups: one name per row; mask, log-ratios (teacher - student, as `Update.log_ratios`) and advantages
+        [N, T] (the advantages the loss used)."""
+        if self.log_ratio_clip is not None:
+            log_ratio = log_ratio.clamp(-self.log_ratio_clip, self.log_ratio_clip)
         total = mask.sum().clamp(min=1)
         metrics = {}
         for name in sorted(set(groups)):

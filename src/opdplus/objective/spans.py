@@ -28,13 +28,43 @@ Pure tensors, no models or tokenizers; everything returned is detached.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from opdplus.objective.advantages import check_estimator, check_log_ratio_clip, check_token_inputs
+from opdplus.objective.advantages import (check_estimator, check_log_ratio_clip, check_token_inputs,
+                                          discounted_future_sum)
 from opdplus.objective.divergences import Divergence, get_divergence
 
 CREDITS = ("all", "future")
+
+
+@dataclass(frozen=True)
+class SpanScores:
+    """A teacher's scores of the rollouts per aligned span, what the span-level loss reads (rows as the rollouts').
+
+    causal rows are scored token by token (a teacher that reads the student's tokens, mapped or as they are:
+    span k is token k), so their credit is the token-level causal one with the discount gamma; the other rows
+    were re-tokenized by the teacher and take the two-sided credit (exact at gamma = 1, see `span_advantages`).
+    """
+
+    logprobs: Tensor  # [N, K] float32 log q_k of span k given everything before it; 0 on missing spans
+    span_ids: Tensor  # [N, T] int64 span of each student response token (0 where the token is in no span)
+    span_mask: Tensor  # [N, K] bool: which spans exist
+    causal: Tensor  # [N] bool: rows scored token by token
+
+    def rows(self, index) -> SpanScores:
+        """These rows (a slice or an index tensor), spans and tokens unchanged."""
+        return SpanScores(self.logprobs[index], self.span_ids[index], self.span_mask[index], self.causal[index])
+
+    @classmethod
+    def tokens(cls, teacher_logprobs: Tensor, mask: Tensor) -> SpanScores:
+        """Token-level scores [N, T] as spans of one token each (causal rows)."""
+        rows, length = teacher_logprobs.shape
+        span_ids = torch.arange(length, device=teacher_logprobs.device).expand(rows, length).clone()
+        return cls(teacher_logprobs.float(), span_ids, mask.bool().clone(),
+                   torch.ones(rows, dtype=torch.bool, device=teacher_logprobs.device))
 
 
 def check_credit(credit: str) -> str:
@@ -168,3 +198,56 @@ def span_ids_from_spans(spans_per_row, length: int, device=None) -> tuple[Tensor
             span_ids[n, span.s0:span.s1] = k
             mask[n, span.s0:span.s1] = True
     return span_ids, mask, span_mask
+
+
+def span_loss_terms(spans: SpanScores, student_logprobs: Tensor, mask: Tensor, divergence: Divergence, estimator: str,
+                    gamma: float, log_ratio_clip: float | None, center: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """What the loss needs from a teacher's span scores: (advantages [N, T], log-ratios [N, T] clipped,
+    the same unclipped), all detached. Settings are already validated (`Objective`).
+
+    Every student token of span k gets A_k = own_k + sum_{k' > k} gamma^j (-f(u_k')), j counting the existing
+    spans in (k, k'] as at token level, and on re-tokenized rows (not `spans.causal`) also the mirror image
+    sum_{k' < k} gamma^j (-f(u_k')): at gamma = 1 the exact gradient of E[sum_k f(u_k)] (`span_advantages`,
+    credit "all"), at gamma = 0 the per-span term alone; in between a discounted surrogate. On causal rows (one
+    token per span) this is exactly `token_advantages`. The log-ratios [N, T] hold l_k at the last student token
+    of span k and 0 elsewhere (for the metrics: sums over tokens are then sums over spans; a span with no student
+    token is left out of them, not out of the advantages).
+    """
+    mask = mask.bool()
+    with torch.no_grad():
+        raw, span_mask = span_log_ratios(student_logprobs, spans.logprobs, spans.span_ids, mask, spans.span_mask)
+        log_ratio = raw.clamp(-log_ratio_clip, log_ratio_clip) if log_ratio_clip is not None else raw  # [N, K]
+        rewards = torch.where(span_mask, divergence.reward(log_ratio), 0.0)  # [N, K] -f(u_k)
+        own = divergence.weight(log_ratio) if estimator == "opd+" else rewards
+        if center:
+            zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+            own = own - (divergence.weight(zero) if estimator == "opd+" else divergence.reward(zero))
+        credit = discounted_future_sum(rewards, span_mask, gamma)  # [N, K] later spans
+        past = discounted_future_sum(rewards.flip(-1), span_mask.flip(-1), gamma).flip(-1)  # [N, K] earlier spans
+        credit = credit + torch.where(spans.causal[:, None], 0.0, past)
+        span_advantage = torch.where(span_mask, own + credit, 0.0)  # [N, K]
+        ids = torch.where(mask, spans.span_ids.long(), 0)  # [N, T]
+        advantages = torch.where(mask, span_advantage.gather(1, ids), 0.0)  # [N, T]
+    return advantages, at_last_token(log_ratio, spans, mask), at_last_token(raw, spans, mask)
+
+
+def at_last_token(values: Tensor, spans: SpanScores, mask: Tensor) -> Tensor:
+    """Per-span values [N, K] placed at the last student token of each span [N, T], 0 elsewhere (spans without a
+    student token are dropped): sums over tokens are then sums over spans."""
+    mask = mask.bool()
+    ids = torch.where(mask, spans.span_ids.long(), 0)  # [N, T]
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(ids)
+    last = torch.full(values.shape, -1, dtype=torch.long, device=mask.device).scatter_reduce(
+        1, ids, torch.where(mask, positions, -1), "amax")  # [N, K] last student token of each span, -1: none
+    keep = spans.span_mask.bool() & (last >= 0)
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(last)
+    placed = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
+    placed[rows[keep], last[keep]] = values[keep]
+    return placed
+
+
+def span_token_log_ratios(spans: SpanScores, student_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Unclipped span log-ratios l_k = log q_k - log p_k placed at each span's last token [N, T] (detached)."""
+    with torch.no_grad():
+        raw, _ = span_log_ratios(student_logprobs, spans.logprobs, spans.span_ids, mask, spans.span_mask)
+        return at_last_token(raw, spans, mask)

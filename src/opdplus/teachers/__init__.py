@@ -6,6 +6,7 @@ import torch
 
 from opdplus.config import check_teacher_options
 from opdplus.teachers.base import Teacher, TeacherUnavailableError, TokenRows
+from opdplus.teachers.cross import RetokenizingTeacher, vocab_relation
 from opdplus.teachers.local import LocalTeacher
 from opdplus.teachers.sequences import score_sequences
 from opdplus.teachers.served import ServedTeacher, SGLangTeacher, VLLMTeacher
@@ -14,6 +15,7 @@ SERVED_APIS = {"vllm": VLLMTeacher, "sglang": SGLangTeacher}
 
 __all__ = [
     "LocalTeacher",
+    "RetokenizingTeacher",
     "SGLangTeacher",
     "ServedTeacher",
     "Teacher",
@@ -22,6 +24,7 @@ __all__ = [
     "VLLMTeacher",
     "get_teacher",
     "score_sequences",
+    "vocab_relation",
 ]
 
 

@@ -160,7 +160,8 @@ class ServedTeacher:
                 raise self._bad("/tokenize", f"no 'tokens' list in {str(answer)[:120]}")
             if tokens != expected:
                 raise ValueError(f"{MISMATCH}: {text!r} is {expected} for the student but {tokens} for the "
-                                 f"teacher at {self.url}")
+                                 f"teacher at {self.url}; a teacher with another tokenizer needs it named "
+                                 "(--teacher-tokenizer, or `tokenizer:` in its teachers: entry)")
         self.vocab_size = len(tokenizer)
 
     def close(self) -> None:

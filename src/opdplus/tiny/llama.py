@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import LlamaConfig
 
 TINY_PREFIX = "tiny:"
-TINY_MODELS = ("arith-teacher", "arith-student", "toolcall-teacher", "toolcall-student")
+TINY_MODELS = ("arith-teacher", "arith-student", "toolcall-teacher", "toolcall-student", "arith-teacher-bpe")
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
 

@@ -44,7 +44,12 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     backend.add_special_tokens(SPECIAL_TOKENS)  # matched whole, before character splitting
     backend.decoder = decoders.Fuse()  # join characters without inserting spaces
-    # No post-processor: encoding never adds BOS/EOS; the chat template places the markers.
+    return wrap_tiny_backend(backend)
+
+
+def wrap_tiny_backend(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A `tokenizers` backend with the tiny models' special tokens as a transformers tokenizer with their chat
+    template. No post-processor: encoding never adds BOS/EOS; the chat template places the markers."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
