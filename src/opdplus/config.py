@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from opdplus.objective import get_divergence, parse_estimator
+from opdplus.objective.advantages import check_positive_or_unset
 from opdplus.objective.checks import check_objective_settings
 from opdplus.trackers import tracker_names
 
@@ -170,9 +171,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_grad_norm", "micro_batch_size", "max_new_tokens", "max_prompt_length"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive or unset, got {value}")
+            check_positive_or_unset(name, getattr(self, name))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

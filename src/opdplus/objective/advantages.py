@@ -60,10 +60,15 @@ def check_gamma(gamma: float) -> float:
     return float(gamma)
 
 
+def check_positive_or_unset(name: str, value: float | None) -> float | None:
+    """The one rule (and message) for every optional positive setting: clips, caps, counts."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be positive or unset (None), got {value}")
+    return value
+
+
 def check_log_ratio_clip(log_ratio_clip: float | None) -> float | None:
-    if log_ratio_clip is not None and not log_ratio_clip > 0:
-        raise ValueError(f"log_ratio_clip must be positive or None, got {log_ratio_clip}")
-    return log_ratio_clip
+    return check_positive_or_unset("log_ratio_clip", log_ratio_clip)
 
 
 def log_ratios(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from opdplus.objective.advantages import check_gamma
+from opdplus.objective.advantages import check_gamma, check_positive_or_unset
 
 REDUCTIONS = ("sequence-sum", "token-mean")  # the ones the trainer offers (opd_loss also has biased variants)
 
@@ -19,8 +19,7 @@ def check_objective_settings(*, gamma: float, log_ratio_clip: float | None, clip
     """Raise ValueError naming the first invalid setting; `reduction_name` is the caller's name for it."""
     check_gamma(gamma)
     for name, value in (("log_ratio_clip", log_ratio_clip), ("clip_eps", clip_eps)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be positive or unset, got {value}")
+        check_positive_or_unset(name, value)
     if rollout_ratio_cap is not None and not rollout_ratio_cap >= 1:
         raise ValueError(f"rollout_ratio_cap must be >= 1 or unset, got {rollout_ratio_cap}")
     if not (math.isfinite(reward_weight) and reward_weight >= 0):

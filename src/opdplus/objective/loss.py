@@ -20,6 +20,7 @@ from opdplus.objective.advantages import (
     check_estimator,
     check_gamma,
     check_log_ratio_clip,
+    check_positive_or_unset,
     check_token_inputs,
     discounted_future_sum,
     log_ratios,
@@ -77,11 +78,8 @@ def opd_loss(
     log_ratio_clip = check_log_ratio_clip(log_ratio_clip)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    if clip_eps is not None and not clip_eps > 0:
-        raise ValueError(f"clip_eps must be positive or None, got {clip_eps}")
-    for name, count in (("num_sequences", num_sequences), ("num_tokens", num_tokens)):
-        if count is not None and not count > 0:
-            raise ValueError(f"{name} must be positive or None, got {count}")
+    for name, value in (("clip_eps", clip_eps), ("num_sequences", num_sequences), ("num_tokens", num_tokens)):
+        check_positive_or_unset(name, value)
     mask = check_token_inputs(
         mask, logprobs=logprobs, teacher_logprobs=teacher_logprobs, behavior_logprobs=behavior_logprobs
     )
