@@ -41,8 +41,7 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
     try:
         return _load(path, dtype)
     except OSError as error:  # hub ids offline, missing weight files: transformers' messages run to many lines
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(f"cannot load model {spec!r}: {first_line}") from error
+        raise FileNotFoundError(f"cannot load model {spec!r}: {_first_line(error)}") from error
 
 
 def load_tokenizer(spec: str):
@@ -51,8 +50,13 @@ def load_tokenizer(spec: str):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(f"cannot load the tokenizer {spec!r}: {message}") from None
+        raise FileNotFoundError(f"cannot load the tokenizer {spec!r}: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    """transformers' loading errors run to many lines: their first, or the error's type when it has no text."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _load(path: str, dtype: torch.dtype):
@@ -61,7 +65,7 @@ def _load(path: str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (ValueError, TypeError) as error:  # e.g. no tokenizer files beside the weights
-        raise FileNotFoundError(f"cannot load the tokenizer of {path}: {str(error).splitlines()[0]}") from None
+        raise FileNotFoundError(f"cannot load the tokenizer of {path}: {_first_line(error)}") from None
     if tokenizer.pad_token is None:
         # Many Hub tokenizers have no pad token. Reusing EOS is safe here because rollout
         # masks are computed from the first EOS, never from pad ids.

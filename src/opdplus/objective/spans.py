@@ -168,20 +168,31 @@ def span_advantages(
     check_credit(credit)
     log_ratio, span_mask = span_log_ratios(student_logprobs, teacher_span_logprobs, span_ids, mask,
                                            span_mask, log_ratio_clip)  # [N, K], [N, K]
-    mask = mask.bool()
+    causal = torch.full((mask.shape[0],), credit == "future", dtype=torch.bool, device=mask.device)  # [N]
+    span_advantage = _span_credit(log_ratio, span_mask, causal, divergence, estimator, 1.0, center)  # [N, K]
+    return _per_token(span_advantage, span_ids, mask)
+
+
+def _span_credit(log_ratio: Tensor, span_mask: Tensor, causal: Tensor, divergence: Divergence, estimator: str,
+                 gamma: float, center: bool) -> Tensor:
+    """A_k [N, K] from clipped span log-ratios: own_k + sum_{k' > k} gamma^j (-f(u_k')) and, on rows not `causal`,
+    the mirror image over k' < k; j counts the existing spans in between. 0 on missing spans."""
     with torch.no_grad():
         rewards = torch.where(span_mask, divergence.reward(log_ratio), 0.0)  # [N, K] -f(u_k)
         own = divergence.weight(log_ratio) if estimator == "opd+" else rewards  # [N, K]
         if center:
             zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
             own = own - (divergence.weight(zero) if estimator == "opd+" else divergence.reward(zero))
-        if credit == "all":
-            others = rewards.sum(-1, keepdim=True) - rewards  # [N, K] sum_{k' != k}
-        else:
-            others = rewards.flip(-1).cumsum(-1).flip(-1) - rewards  # [N, K] sum_{k' > k}
-        span_adv = torch.where(span_mask, own + others, 0.0)  # [N, K]
-        ids = torch.where(mask, span_ids.long(), 0)  # [N, T]
-        return torch.where(mask, span_adv.gather(1, ids), 0.0)  # [N, T]
+        later = discounted_future_sum(rewards, span_mask, gamma)  # [N, K]
+        earlier = discounted_future_sum(rewards.flip(-1), span_mask.flip(-1), gamma).flip(-1)  # [N, K]
+        return torch.where(span_mask, own + later + torch.where(causal[:, None], 0.0, earlier), 0.0)
+
+
+def _per_token(span_advantage: Tensor, span_ids: Tensor, mask: Tensor) -> Tensor:
+    """Each student token gets its span's value: [N, K] -> [N, T], 0 at masked tokens."""
+    mask = mask.bool()
+    ids = torch.where(mask, span_ids.long(), 0)  # [N, T]
+    return torch.where(mask, span_advantage.gather(1, ids), 0.0)
 
 
 def span_ids_from_spans(spans_per_row, length: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -217,17 +228,8 @@ def span_loss_terms(spans: SpanScores, student_logprobs: Tensor, mask: Tensor, d
     with torch.no_grad():
         raw, span_mask = span_log_ratios(student_logprobs, spans.logprobs, spans.span_ids, mask, spans.span_mask)
         log_ratio = raw.clamp(-log_ratio_clip, log_ratio_clip) if log_ratio_clip is not None else raw  # [N, K]
-        rewards = torch.where(span_mask, divergence.reward(log_ratio), 0.0)  # [N, K] -f(u_k)
-        own = divergence.weight(log_ratio) if estimator == "opd+" else rewards
-        if center:
-            zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
-            own = own - (divergence.weight(zero) if estimator == "opd+" else divergence.reward(zero))
-        credit = discounted_future_sum(rewards, span_mask, gamma)  # [N, K] later spans
-        past = discounted_future_sum(rewards.flip(-1), span_mask.flip(-1), gamma).flip(-1)  # [N, K] earlier spans
-        credit = credit + torch.where(spans.causal[:, None], 0.0, past)
-        span_advantage = torch.where(span_mask, own + credit, 0.0)  # [N, K]
-        ids = torch.where(mask, spans.span_ids.long(), 0)  # [N, T]
-        advantages = torch.where(mask, span_advantage.gather(1, ids), 0.0)  # [N, T]
+        span_advantage = _span_credit(log_ratio, span_mask, spans.causal, divergence, estimator, gamma, center)
+        advantages = _per_token(span_advantage, spans.span_ids, mask)  # [N, T]
     return advantages, at_last_token(log_ratio, spans, mask), at_last_token(raw, spans, mask)
 
 

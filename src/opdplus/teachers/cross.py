@@ -25,11 +25,8 @@ import torch
 from opdplus.objective.spans import SpanScores, span_ids_from_spans, sum_by_span
 from opdplus.rollout.prompts import conversation, left_pad, render_conversation, right_pad
 from opdplus.teachers.base import TokenRows
-from opdplus.teachers.spans import align
+from opdplus.teachers.spans import align, plain_backend
 from opdplus.teachers.vocab import check_same_vocabulary, probe_strings
-
-RELATIONS = ("same", "mapped", "spans")
-
 
 def vocab_relation(student_tokenizer, teacher_tokenizer) -> str:
     """"same" (one vocabulary), "mapped" (every student token is a teacher token of the same text, the student's
@@ -81,8 +78,8 @@ def id_table(student_tokenizer, teacher_tokenizer) -> torch.Tensor | None:
 def _token_texts(tokenizer, ids: list[int]) -> list[str]:
     """Each id decoded alone (special tokens kept). The Rust backend decodes in one batch call (a 152k vocabulary
     in well under a second); a tokenizer that cleans up spaces after decoding goes through its own decode."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    backend = plain_backend(tokenizer)
+    if backend is not None:
         return backend.decode_batch([[token_id] for token_id in ids], skip_special_tokens=False)
     return [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids]
 

@@ -118,12 +118,18 @@ def _monotone(ends: list) -> list:
     return out
 
 
-def ids_decoder(tokenizer):
-    """ids -> text with special tokens kept, as `tokenizer.decode(ids, skip_special_tokens=False)` gives it. A fast
-    tokenizer that does not clean up spaces is decoded by its Rust backend directly: alignment decodes a few times
-    per token, and transformers' own wrapper around that call took about half of the time."""
+def plain_backend(tokenizer):
+    """The tokenizer's Rust backend when decoding through it gives what `tokenizer.decode` gives (a fast tokenizer
+    that does not clean up spaces afterwards), else None. Alignment decodes a few times per token, and
+    transformers' own wrapper around the backend's call took about half of that time."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    return None if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
+
+
+def ids_decoder(tokenizer):
+    """ids -> text with special tokens kept, as `tokenizer.decode(ids, skip_special_tokens=False)` gives it."""
+    backend = plain_backend(tokenizer)
+    if backend is not None:
         return lambda ids: backend.decode(ids, skip_special_tokens=False)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
